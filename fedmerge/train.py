@@ -1,0 +1,94 @@
+"""The one training / evaluation loop every component uses (clients, fine-tuning, baselines)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmerge.data.images import LabeledImages
+from fedmerge.progress import progress
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of local training."""
+
+    epochs: int = 5
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" (cosine schedule) or "adam"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"invalid training config: {self}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config``."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def batches(data: LabeledImages, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True):
+    """Yield ``(x, y)`` mini-batches of in-memory data (shuffled with ``generator``)."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size].to(data.x.device)
+        yield data.x[idx], data.y[idx]
+
+
+def train(
+    model: nn.Module,
+    data: LabeledImages,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    description: str = "training",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> nn.Module:
+    """Train ``model`` in place with mini-batch SGD/Adam (cosine learning rate) and return it."""
+    if len(data) == 0:
+        raise ValueError(f"cannot train on an empty dataset ({data.name or 'unnamed'})")
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    data = data.to(device)
+    optimizer = make_optimizer(model.parameters(), config)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * steps_per_epoch))
+    for _ in progress(range(config.epochs), description):
+        for x, y in batches(data, config.batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: LabeledImages, batch_size: int = 1024, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits of ``model`` on every image of ``data`` (in order), on the CPU."""
+    model.to(device).eval()
+    out = [model(x.to(device)).cpu() for x, _ in batches(data, batch_size, shuffle=False)]
+    return torch.cat(out) if out else torch.empty(0, data.num_classes)
+
+
+def accuracy_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    if len(labels) == 0:
+        return float("nan")
+    return 100.0 * (logits.argmax(1) == labels.cpu()).float().mean().item()
+
+
+def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on ``data`` in percent."""
+    return accuracy_of_logits(predict_logits(model, data, device=device), data.y)
