@@ -33,3 +33,7 @@ class MLP(nn.Module):
             previous = f"P_{i}"
         axes |= linear_axes("head", None, previous)
         return PermutationSpec(axes)
+
+    def activation_points(self) -> dict[str, str]:
+        """Module whose output carries each permutation (the hidden Linear layers; ReLU is applied functionally)."""
+        return {f"P_{i}": f"hidden.{i}" for i in range(len(self.hidden))}

@@ -1,0 +1,176 @@
+"""Every model's permutation spec: covers the state dict, and permuting leaves outputs unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedmerge.align import apply_permutation
+from fedmerge.models import MODEL_NAMES, MLP, VGG11, ResNet20, SmallCNN, build_model
+from fedmerge.models.spec import PermutationSpec
+
+# (name, input shape, width, extra constructor arguments): small widths keep the suite fast.
+CASES = [
+    ("mlp", (1, 28, 28), 16, {}),
+    ("cnn", (1, 28, 28), 0.25, {}),
+    ("cnn", (3, 32, 32), 0.25, {}),
+    ("vgg11", (3, 32, 32), 0.125, {}),
+    ("vgg11", (1, 28, 28), 0.125, {}),
+    ("vgg11", (3, 32, 32), 0.125, {"batch_norm": False}),
+    ("resnet20", (3, 32, 32), 1.0, {}),
+    ("resnet20", (1, 28, 28), 1.0, {}),
+]
+IDS = [f"{n}-{'x'.join(map(str, s))}-w{w}{'-nobn' if kw else ''}" for n, s, w, kw in CASES]
+
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: these models are tiny, and spinning OpenMP threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def randomized_model(name: str, in_shape, width, kwargs, seed: int = 0) -> nn.Module:
+    """A model with random biases / BN affine parameters and non-trivial running stats, in eval mode."""
+    torch.manual_seed(seed)
+    model = build_model(name, in_shape, width=width, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.5)
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # keeps signals alive with depth
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.1)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, *in_shape) * 2 + 0.5)
+        for module in model.modules():  # spread the running stats further apart between channels
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.add_(torch.randn_like(module.running_mean) * 0.2)
+                module.running_var.mul_(torch.empty_like(module.running_var).uniform_(0.5, 2.0))
+    return model.eval()
+
+
+def cyclic_perms(spec: PermutationSpec, state: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random single-cycle permutation (no fixed points) for every permutation of ``spec``."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = {}
+    for p, n in spec.perm_sizes(state).items():
+        order = torch.randperm(n, generator=gen)
+        perm = torch.empty(n, dtype=torch.long)
+        perm[order] = order.roll(-1)
+        perms[p] = perm
+    return perms
+
+
+def outputs(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+def test_permuting_leaves_outputs_unchanged(name, in_shape, width, kwargs):
+    model = randomized_model(name, in_shape, width, kwargs)
+    spec = model.permutation_spec()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec.check_covers(state)
+    x = torch.randn(8, *in_shape)
+    reference = outputs(model, state, x)
+
+    perms = cyclic_perms(spec, state)
+    permuted = apply_permutation(spec, perms, state)
+    for key, axes in spec.axes_to_perm.items():
+        if any(axes):
+            assert not torch.equal(permuted[key], state[key]), f"permutation left {key} unchanged"
+    torch.testing.assert_close(outputs(model, permuted, x), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+def test_every_spec_entry_is_needed(name, in_shape, width, kwargs):
+    """Dropping any single axis entry from the spec breaks output invariance: the test above guards specs."""
+    model = randomized_model(name, in_shape, width, kwargs)
+    spec = model.permutation_spec()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, *in_shape)
+    reference = outputs(model, state, x)
+    perms = cyclic_perms(spec, state)
+    for key, axes in spec.axes_to_perm.items():
+        for axis, perm in enumerate(axes):
+            if perm is None:
+                continue
+            broken_axes = dict(spec.axes_to_perm)
+            broken_axes[key] = tuple(None if a == axis else p for a, p in enumerate(axes))
+            broken = PermutationSpec(broken_axes)
+            out = outputs(model, apply_permutation(broken, perms, state), x)
+            gap = (out - reference).abs().max().item()
+            assert gap > 1e-3, f"dropping {key} axis {axis} ({perm}) went unnoticed (max change {gap:.2e})"
+
+    missing = dict(spec.axes_to_perm)
+    missing.pop(next(iter(missing)))
+    with pytest.raises(ValueError, match="missing"):
+        PermutationSpec(missing).check_covers(state)
+
+
+@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+def test_activation_points_carry_their_permutation(name, in_shape, width, kwargs):
+    model = build_model(name, in_shape, width=width, **kwargs).eval()
+    spec = model.permutation_spec()
+    sizes = spec.perm_sizes(model.state_dict())
+    points = model.activation_points()
+    assert set(points) == set(spec.perm_names)
+    modules = dict(model.named_modules())
+    seen: dict[str, int] = {}
+    handles = [
+        modules[m].register_forward_hook(lambda _m, _i, out, p=p: seen.__setitem__(p, out.shape[1])) for p, m in points.items()
+    ]
+    with torch.no_grad():
+        model(torch.randn(2, *in_shape))
+    for h in handles:
+        h.remove()
+    assert seen == sizes
+
+
+def test_registry_builds_every_model_and_rejects_unknown_names():
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "vgg11", "resnet20"}
+    classes = {"mlp": MLP, "cnn": SmallCNN, "vgg11": VGG11, "resnet20": ResNet20}
+    for name in MODEL_NAMES:
+        model = build_model(name.upper(), (1, 28, 28), num_classes=7, width=None if name == "mlp" else 0.25)
+        assert isinstance(model, classes[name])
+        assert model(torch.randn(3, 1, 28, 28)).shape == (3, 7)
+        assert callable(model.permutation_spec) and callable(model.activation_points)
+    assert build_model("mlp", (1, 28, 28)).head.in_features == 512
+    assert build_model("mlp", (3, 32, 32), width=64, depth=2).head.in_features == 64
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("lenet", (1, 28, 28))
+    with pytest.raises(ValueError):
+        build_model("mlp", (1, 28, 28), width=0.5)
+
+
+def test_tiny_width_multipliers_keep_at_least_one_channel():
+    vgg = build_model("vgg11", (1, 28, 28), width=0.001)
+    resnet = build_model("resnet20", (3, 32, 32), width=0.01)
+    cnn = build_model("cnn", (1, 28, 28), width=0.001)
+    for model, shape in ((vgg, (1, 28, 28)), (resnet, (3, 32, 32)), (cnn, (1, 28, 28))):
+        sizes = model.permutation_spec().perm_sizes(model.state_dict())
+        assert min(sizes.values()) >= 1
+        assert model.eval()(torch.randn(2, *shape)).shape == (2, 10)
+
+
+def test_vgg_batchnorm_layout_and_resnet_shared_streams():
+    vgg = VGG11(width=0.125)
+    state = vgg.state_dict()
+    assert "features.0.bias" not in state and "features.1.running_var" in state
+    assert VGG11(width=0.125, batch_norm=False).state_dict()["features.0.bias"].shape == (8,)
+    spec = ResNet20().permutation_spec()
+    assert spec.axes_to_perm["conv1.weight"][0] == "P_res1"
+    assert spec.axes_to_perm["layer1.2.bn2.running_mean"] == ("P_res1",)
+    assert spec.axes_to_perm["layer2.0.shortcut.0.weight"][:2] == ("P_res2", "P_res1")
+    assert spec.axes_to_perm["layer2.0.conv1.weight"][:2] == ("P_layer2.0", "P_res1")
+    assert spec.axes_to_perm["fc.weight"] == (None, "P_res3")
+    assert len(spec.perm_names) == 3 + 9
