@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,47 @@ def batches(data: LabeledImages, batch_size: int, generator: torch.Generator | N
         yield data.x[idx], data.y[idx]
 
 
+def fit(
+    params: Iterable[torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: LabeledImages,
+    config: TrainConfig,
+    seed: int = 0,
+    steps: int | None = None,
+    description: str = "training",
+) -> list[float]:
+    """Minimise ``loss_fn(x, y)`` over mini-batches of ``data`` by updating ``params``.
+
+    Runs ``steps`` optimizer steps when given, else ``config.epochs`` epochs, with a cosine
+    learning-rate schedule. Returns the loss of every step. ``data`` must already sit on
+    the device the loss is computed on.
+    """
+    if len(data) == 0:
+        raise ValueError(f"cannot train on an empty dataset ({data.name or 'unnamed'})")
+    generator = torch.Generator().manual_seed(seed)
+    params = list(params)
+    optimizer = make_optimizer(params, config)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    total = steps if steps is not None else config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total))
+    losses: list[float] = []
+    stream = _endless_batches(data, config.batch_size, generator)
+    for _ in progress(range(total), description, total=total):
+        x, y = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _endless_batches(data: LabeledImages, batch_size: int, generator: torch.Generator):
+    while True:
+        yield from batches(data, batch_size, generator)
+
+
 def train(
     model: nn.Module,
     data: LabeledImages,
@@ -54,23 +95,10 @@ def train(
     seed: int = 0,
     device: torch.device | str = "cpu",
     description: str = "training",
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> nn.Module:
-    """Train ``model`` in place with mini-batch SGD/Adam (cosine learning rate) and return it."""
-    if len(data) == 0:
-        raise ValueError(f"cannot train on an empty dataset ({data.name or 'unnamed'})")
-    generator = torch.Generator().manual_seed(seed)
+    """Train ``model`` in place on ``data`` with cross-entropy and return it (in eval mode)."""
     model.to(device).train()
-    data = data.to(device)
-    optimizer = make_optimizer(model.parameters(), config)
-    steps_per_epoch = -(-len(data) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * steps_per_epoch))
-    for _ in progress(range(config.epochs), description):
-        for x, y in batches(data, config.batch_size, generator):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
+    fit(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), data.to(device), config, seed, description=description)
     return model.eval()
 
 

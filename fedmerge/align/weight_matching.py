@@ -16,15 +16,21 @@ from fedmerge.models.spec import PermutationSpec
 
 
 def similarity_matrix(spec: PermutationSpec, perm: str, target: State, source: State, perms: Perms) -> torch.Tensor:
-    """``S[i, j]``: similarity of target unit ``i`` and source unit ``j`` under permutation ``perm``."""
+    """``S[i, j]``: similarity of target unit ``i`` and source unit ``j`` under permutation ``perm``.
+
+    Entries of the spec that ``target`` lacks (e.g. buffers, when matching parameters only) are skipped.
+    """
     total = None
     for key, axis in spec.perm_to_axes[perm]:
+        if key not in target:
+            continue
         t = target[key].detach().movedim(axis, 0).reshape(target[key].shape[axis], -1)
         s = permute_tensor(spec, perms, key, source[key].detach(), skip_axis=axis)
         s = s.movedim(axis, 0).reshape(s.shape[axis], -1)
         term = t.double() @ s.double().T
         total = term if total is None else total + term
-    assert total is not None
+    if total is None:
+        raise ValueError(f"no tensor of the target carries permutation {perm!r}")
     return total
 
 

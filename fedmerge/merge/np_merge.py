@@ -1,0 +1,72 @@
+"""NP Merge (Orozco Camacho et al., 2024): a learned interpolation coefficient per parameter.
+
+After alignment, every scalar weight gets its own ``alpha = sigmoid(alpha_pre)`` (initialised to
+the plain interpolation weight) and the merged weight is ``alpha * A + (1 - alpha) * B``; the
+``alpha_pre`` are trained with Adam on the surrogate loss while A and B stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmerge.align.permute import State
+from fedmerge.data.images import LabeledImages
+from fedmerge.merge.functional import forward_with, split_state
+from fedmerge.train import TrainConfig, fit
+
+
+@dataclass(frozen=True)
+class NPConfig:
+    """Hyper-parameters of NP Merge."""
+
+    steps: int = 300
+    lr: float = 1e-2
+    batch_size: int = 256
+
+    def train_config(self) -> TrainConfig:
+        """The optimiser settings (Adam, no weight decay) as a ``TrainConfig``."""
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, optimizer="adam", weight_decay=0.0)
+
+
+def np_merge(
+    model: nn.Module,
+    state_a: State,
+    state_b_aligned: State,
+    surrogate: LabeledImages,
+    lam: float = 0.5,
+    config: NPConfig = NPConfig(),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[State, list[float]]:
+    """Learn per-parameter coefficients between A and aligned B; return (merged state, step losses)."""
+    if len(surrogate) == 0:
+        raise ValueError("NP Merge needs a non-empty surrogate dataset")
+    if not 0.0 < lam < 1.0:
+        raise ValueError(f"NP Merge needs lambda strictly inside (0, 1), got {lam}")
+    params_a, buffers_a = split_state(model, {k: v.to(device) for k, v in state_a.items()})
+    params_b, _ = split_state(model, {k: v.to(device) for k, v in state_b_aligned.items()})
+    logit = math.log((1 - lam) / lam)  # sigmoid(logit) = 1 - lam = weight of A
+    alpha_pre = {k: torch.full_like(v, logit, requires_grad=True) for k, v in params_a.items()}
+    model = model.to(device).train()
+
+    def merged_params() -> State:
+        return {k: torch.lerp(params_b[k], params_a[k], torch.sigmoid(alpha_pre[k])) for k in params_a}
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(forward_with(model, merged_params(), buffers_a, x), y)
+
+    losses = fit(alpha_pre.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="NP Merge")
+    model.eval()
+    with torch.no_grad():
+        merged = {**{k: v.clone() for k, v in buffers_a.items()}, **merged_params()}
+        # Buffers (BatchNorm running statistics) are interpolated linearly; a BN reset follows.
+        for key in buffers_a:
+            b = state_b_aligned[key].to(device)
+            if b.is_floating_point():
+                merged[key] = torch.lerp(buffers_a[key], b, lam)
+    return {k: merged[k].detach().cpu() for k in state_a}, losses
