@@ -395,11 +395,6 @@ def test_ste_respects_lambda(split_pairs, lam):
         torch.testing.assert_close(result.state[key], value, msg=key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ste_merge starts the soft weights at the WM-aligned B (a permutation vertex) instead of at A as in "
-    "Git Re-Basin Alg. 3, so with the default lr/steps the projection never leaves the WM permutation",
-)
 def test_ste_with_default_settings_improves_on_weight_matching(split_pairs):
     changed, gains = [], []
     for pair in split_pairs.values():
@@ -507,16 +502,7 @@ def test_merge_pair_rejects_state_dicts_that_do_not_match_the_spec(split_pairs):
         merge_pair(pair.template, cnn.state_dict(), cnn.state_dict(), config=config)
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "average",
-        pytest.param("wm", marks=pytest.mark.xfail(
-            strict=True, raises=RuntimeError,
-            reason="merge_pair does not check that A and B have the same widths; weight matching dies in a matmul",
-        )),
-    ],
-)
+@pytest.mark.parametrize("method", ["average", "wm", "ste"])
 def test_merge_pair_rejects_models_of_different_widths(split_pairs, method):
     pair = split_pairs[SPLIT_SEEDS[0]]
     with pytest.raises(ValueError):

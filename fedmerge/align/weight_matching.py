@@ -27,7 +27,7 @@ def similarity_matrix(spec: PermutationSpec, perm: str, target: State, source: S
         t = target[key].detach().movedim(axis, 0).reshape(target[key].shape[axis], -1)
         s = permute_tensor(spec, perms, key, source[key].detach(), skip_axis=axis)
         s = s.movedim(axis, 0).reshape(s.shape[axis], -1)
-        term = t.double() @ s.double().T
+        term = t.float() @ s.float().T
         total = term if total is None else total + term
     if total is None:
         raise ValueError(f"no tensor of the target carries permutation {perm!r}")
@@ -47,7 +47,7 @@ def weight_matching(
     init: Perms | None = None,
     max_sweeps: int = 100,
     seed: int = 0,
-    tol: float = 1e-9,
+    tol: float = 1e-7,
 ) -> Perms:
     """Permutations ``P`` such that ``apply_permutation(spec, P, source)`` is close to ``target``.
 
@@ -64,8 +64,8 @@ def weight_matching(
             sim = similarity_matrix(spec, name, target, source, perms)
             new = solve_assignment(sim)
             rows = torch.arange(len(new))
-            gain = sim[rows, new].sum() - sim[rows, perms[name]].sum()
-            if gain > tol * max(1.0, float(sim.abs().max())):
+            gain = sim[rows, new].double().sum() - sim[rows, perms[name]].double().sum()
+            if gain > tol * max(1.0, float(sim.abs().sum())):
                 improved = True
             perms[name] = new
         if not improved:

@@ -17,6 +17,7 @@ from fedmerge.merge.interpolate import interpolate_states
 from fedmerge.merge.np_merge import NPConfig, np_merge
 from fedmerge.merge.repair import has_batchnorm, repair, reset_batchnorm
 from fedmerge.merge.ste import STEConfig, ste_merge
+from fedmerge.models.spec import PermutationSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ def merge_pair(
     """
     start = time.perf_counter()
     spec = model.permutation_spec()
-    spec.check_covers(state_a)
-    spec.check_covers(state_b)
+    check_compatible(spec, state_a, state_b)
     method = config.method
     has_data = surrogate is not None and len(surrogate) > 0
     if method in DATA_METHODS and not has_data:
@@ -102,6 +102,16 @@ def merge_pair(
         merged = interpolate_states(state_a, aligned_b, lam)
     merged = _correct(model, merged, state_a, aligned_b, surrogate if has_data else None, lam, config.correction, device)
     return MergeResult(merged, perms, method, time.perf_counter() - start, losses)
+
+
+def check_compatible(spec: PermutationSpec, state_a: State, state_b: State) -> None:
+    """Raise ``ValueError`` unless both state dicts fit ``spec`` and have identical tensor shapes."""
+    spec.check_covers(state_a)
+    spec.check_covers(state_b)
+    mismatched = [k for k in state_a if state_a[k].shape != state_b[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"models differ in shape at {len(mismatched)} tensors, e.g. {k}: {tuple(state_a[k].shape)} vs {tuple(state_b[k].shape)}")
 
 
 def _correct(model: nn.Module, merged: State, state_a: State, aligned_b: State, data: LabeledImages | None, lam: float, correction: str, device) -> State:

@@ -11,6 +11,7 @@ every step (the plain implementation, kept for the speed benchmark).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,11 +49,12 @@ class STEConfig:
 
 @dataclass
 class STEResult:
-    """Merged state, the permutation of B it used, and the loss of every step."""
+    """Merged state, the permutation of B it used, the loss of every step and the time the steps took."""
 
     state: State
     perms: Perms
     losses: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0
 
 
 class _Projector:
@@ -87,8 +89,7 @@ def ste_merge(
     state_b = {k: v.to(device) for k, v in state_b.items()}
     perms = weight_matching(spec, state_a, state_b, seed=seed)
     params_a, buffers_a = split_state(model, state_a)
-    start, _ = split_state(model, apply_permutation(spec, perms, state_b))
-    soft = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    soft = {k: v.clone().requires_grad_(True) for k, v in params_a.items()}  # Ainsworth et al.: start at A
     project = _Projector(spec, state_b, perms, config.projection, seed)
     model = model.to(device).train()
 
@@ -97,8 +98,10 @@ def ste_merge(
         merged = {k: (1 - lam) * params_a[k] + lam * (soft[k] + (projected[k] - soft[k]).detach()) for k in soft}
         return F.cross_entropy(forward_with(model, merged, buffers_a, x), y)
 
+    start = time.perf_counter()
     losses = fit(soft.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="STE")
+    step_seconds = time.perf_counter() - start
     final = weight_matching(spec, {k: v.detach() for k, v in soft.items()}, state_b, init=project.perms, seed=seed)
     merged = interpolate_states(state_a, apply_permutation(spec, final, state_b), lam)
     model.eval()
-    return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses)
+    return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds)

@@ -1,0 +1,1 @@
+"""Simulations and benchmarks run on top of the fedmerge library."""
