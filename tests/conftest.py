@@ -14,3 +14,12 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tmp_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Convert datasets into a throw-away cache instead of ~/.cache (modules opt in with ``usefixtures``)."""
+    cache = tmp_path_factory.mktemp("fedmerge-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDMERGE_CACHE", str(cache))
+        yield cache

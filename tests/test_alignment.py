@@ -14,6 +14,7 @@ from fedmerge.align.activation_matching import activation_similarities, record_a
 from fedmerge.data.images import LabeledImages
 from fedmerge.models import build_model
 from fedmerge.train import TrainConfig, train
+from tests.helpers import CASE_FIELDS, randomized_model
 
 CASES = [
     ("mlp", (1, 28, 28), 16, {}),
@@ -24,34 +25,7 @@ CASES = [
     ("resnet20", (1, 28, 28), 1.0, {}),
 ]
 IDS = [f"{n}-{'x'.join(map(str, s))}{'-nobn' if kw else ''}" for n, s, _, kw in CASES]
-
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-def randomized_model(name: str, in_shape, width, kwargs, seed: int = 0) -> nn.Module:
-    """A model with live signals, random biases / BN affine parameters and random running stats, in eval mode."""
-    torch.manual_seed(seed)
-    model = build_model(name, in_shape, width=width, **kwargs)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.5)
-            elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.1)
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, *in_shape) * 2 + 0.5)
-    return model.eval()
+over_cases = pytest.mark.parametrize(CASE_FIELDS, CASES, ids=IDS)
 
 
 def assert_states_equal(actual: dict, expected: dict) -> None:
@@ -60,24 +34,26 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[key], expected[key]), f"{key} differs"
 
 
-@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
-def test_weight_matching_recovers_a_known_permutation(name, in_shape, width, kwargs):
+def hidden_permutation(name, in_shape, width, kwargs, seed: int):
+    """A randomized model, its spec and state dict, and a random permutation (drawn with ``seed``) to hide."""
     model = randomized_model(name, in_shape, width, kwargs)
     spec = model.permutation_spec()
-    state_a = model.state_dict()
-    hidden = random_perms(spec, state_a, torch.Generator().manual_seed(1))
+    state = model.state_dict()
+    return model, spec, state, random_perms(spec, state, torch.Generator().manual_seed(seed))
+
+
+@over_cases
+def test_weight_matching_recovers_a_known_permutation(name, in_shape, width, kwargs):
+    _, spec, state_a, hidden = hidden_permutation(name, in_shape, width, kwargs, seed=1)
     state_b = apply_permutation(spec, hidden, state_a)
     perms = weight_matching(spec, state_a, state_b)
     assert_states_equal(apply_permutation(spec, perms, state_b), state_a)
     assert all(torch.equal(perms[p], invert(hidden)[p]) for p in spec.perm_names)
 
 
-@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+@over_cases
 def test_activation_matching_recovers_a_known_permutation(name, in_shape, width, kwargs):
-    model_a = randomized_model(name, in_shape, width, kwargs)
-    spec = model_a.permutation_spec()
-    state_a = model_a.state_dict()
-    hidden = random_perms(spec, state_a, torch.Generator().manual_seed(2))
+    model_a, spec, state_a, hidden = hidden_permutation(name, in_shape, width, kwargs, seed=2)
     model_b = copy.deepcopy(model_a)
     model_b.load_state_dict(apply_permutation(spec, hidden, state_a))
     data = torch.randn(96, *in_shape, generator=torch.Generator().manual_seed(3))

@@ -23,18 +23,9 @@ from fedmerge.data import (
     load_dataset,
 )
 from fedmerge.data import datasets as ds
+from tests.helpers import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data folder {SHARED} is absent")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tmp_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Convert into a throw-away cache instead of ~/.cache."""
-    cache = tmp_path_factory.mktemp("fedmerge-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDMERGE_CACHE", str(cache))
-        yield cache
+pytestmark = pytest.mark.usefixtures("tmp_cache")  # conftest.py: a throw-away cache instead of ~/.cache
 
 
 def pixels(data: LabeledImages, name: str) -> torch.Tensor:

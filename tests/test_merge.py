@@ -39,6 +39,7 @@ from fedmerge.merge import (
 from fedmerge.merge.repair import repair_points, unit_statistics
 from fedmerge.models import build_model
 from fedmerge.train import TrainConfig, evaluate, train
+from tests.helpers import randomize_parameters
 
 SHAPE = (1, 8, 8)
 NUM_CLASSES = 4
@@ -120,17 +121,7 @@ def randomized_bn_model(name: str, in_shape, width, seed: int = 0, **kwargs) -> 
     """A BatchNorm model with random affine parameters and running stats far from any data's, in eval mode."""
     torch.manual_seed(seed)
     model = build_model(name, in_shape, num_classes=NUM_CLASSES, width=width, **kwargs)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.5)
-                module.running_mean.normal_(0.0, 1.0)
-                module.running_var.uniform_(0.5, 3.0)
-            elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.1)
+    randomize_parameters(model, running_stats=True)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from fedmerge.align import apply_permutation
 from fedmerge.models import MODEL_NAMES, MLP, VGG11, ResNet20, SmallCNN, build_model
 from fedmerge.models.spec import PermutationSpec
+from tests.helpers import CASE_FIELDS, randomized_model
 
 # (name, input shape, width, extra constructor arguments): small widths keep the suite fast.
 CASES = [
@@ -22,38 +23,7 @@ CASES = [
     ("resnet20", (1, 28, 28), 1.0, {}),
 ]
 IDS = [f"{n}-{'x'.join(map(str, s))}-w{w}{'-nobn' if kw else ''}" for n, s, w, kw in CASES]
-
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: these models are tiny, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-def randomized_model(name: str, in_shape, width, kwargs, seed: int = 0) -> nn.Module:
-    """A model with random biases / BN affine parameters and non-trivial running stats, in eval mode."""
-    torch.manual_seed(seed)
-    model = build_model(name, in_shape, width=width, **kwargs)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.5)
-            elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # keeps signals alive with depth
-                if module.bias is not None:
-                    module.bias.normal_(0.0, 0.1)
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, *in_shape) * 2 + 0.5)
-        for module in model.modules():  # spread the running stats further apart between channels
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.add_(torch.randn_like(module.running_mean) * 0.2)
-                module.running_var.mul_(torch.empty_like(module.running_var).uniform_(0.5, 2.0))
-    return model.eval()
+over_cases = pytest.mark.parametrize(CASE_FIELDS, CASES, ids=IDS)
 
 
 def cyclic_perms(spec: PermutationSpec, state: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -74,9 +44,9 @@ def outputs(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+@over_cases
 def test_permuting_leaves_outputs_unchanged(name, in_shape, width, kwargs):
-    model = randomized_model(name, in_shape, width, kwargs)
+    model = randomized_model(name, in_shape, width, kwargs, spread_stats=True)
     spec = model.permutation_spec()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec.check_covers(state)
@@ -91,10 +61,10 @@ def test_permuting_leaves_outputs_unchanged(name, in_shape, width, kwargs):
     torch.testing.assert_close(outputs(model, permuted, x), reference, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+@over_cases
 def test_every_spec_entry_is_needed(name, in_shape, width, kwargs):
     """Dropping any single axis entry from the spec breaks output invariance: the test above guards specs."""
-    model = randomized_model(name, in_shape, width, kwargs)
+    model = randomized_model(name, in_shape, width, kwargs, spread_stats=True)
     spec = model.permutation_spec()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(4, *in_shape)
@@ -117,7 +87,7 @@ def test_every_spec_entry_is_needed(name, in_shape, width, kwargs):
         PermutationSpec(missing).check_covers(state)
 
 
-@pytest.mark.parametrize(("name", "in_shape", "width", "kwargs"), CASES, ids=IDS)
+@over_cases
 def test_activation_points_carry_their_permutation(name, in_shape, width, kwargs):
     model = build_model(name, in_shape, width=width, **kwargs).eval()
     spec = model.permutation_spec()

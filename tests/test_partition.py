@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,17 +16,9 @@ from fedmerge.data import (
     make_partition,
     partition_summary,
 )
+from tests.helpers import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data folder {SHARED} is absent")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tmp_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Convert into a throw-away cache instead of ~/.cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDMERGE_CACHE", str(tmp_path_factory.mktemp("fedmerge-cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("tmp_cache")  # conftest.py: a throw-away cache instead of ~/.cache
 
 
 @pytest.fixture(scope="module")
