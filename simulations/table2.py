@@ -24,7 +24,7 @@ from fedmerge.device import default_device, derive_seed
 from fedmerge.experiment import MethodRun, PairComparison, train_client
 from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.models import build_model
-from fedmerge.surrogate import SurrogateConfig, build_surrogate
+from fedmerge.surrogate import CondenseConfig, SurrogateConfig, build_surrogate
 from fedmerge.train import TrainConfig
 from simulations.versions import package_versions
 
@@ -68,21 +68,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3, help="local training epochs per client")
-    parser.add_argument("--ste-steps", type=int, default=1000)
-    parser.add_argument("--np-steps", type=int, default=1000)
+    parser.add_argument("--ste-steps", type=int, default=500)
+    parser.add_argument("--ste-lr", type=float, default=1e-2)
+    parser.add_argument("--np-steps", type=int, default=500)
     parser.add_argument("--per-class", type=int, default=10, help="coreset / condensed images per class per client")
+    parser.add_argument("--condense-iterations", type=int, default=None, help="networks to match gradients on (default: the library's)")
     parser.add_argument("--methods", nargs="+", default=None, help="labels of the methods to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     return parser.parse_args(argv)
 
 
-def build_surrogates(pair_train, clients, per_class: int, seed: int, device, console: Console) -> tuple[dict, dict[str, float]]:
+def build_surrogates(pair_train, clients, args: argparse.Namespace, seed: int, device, console: Console) -> tuple[dict, dict[str, float]]:
     """Full union, random coreset and condensed set of both clients, and the seconds each took."""
     surrogates, seconds = {"full": concat(pair_train, name="full")}, {}
+    condense = CondenseConfig(iterations=args.condense_iterations)
     for kind, key in (("random", "coreset"), ("condensed", "condensed")):
         start = time.perf_counter()
+        config = SurrogateConfig(kind=kind, per_class=args.per_class, condense=condense)
         parts = [
-            build_surrogate(data, SurrogateConfig(kind=kind, per_class=per_class), model=client.model, seed=derive_seed(seed, kind, i), device=device)
+            build_surrogate(data, config, model=client.model, seed=derive_seed(seed, kind, i), device=device)
             for i, (data, client) in enumerate(zip(pair_train, clients))
         ]
         surrogates[key] = concat(parts, name=key)
@@ -101,10 +105,10 @@ def run_pair(pair: str, seed: int, args: argparse.Namespace, device, console: Co
     config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=128)
     clients = [train_client(template, d, config, derive_seed(seed, pair, i), device, n) for i, (d, n) in enumerate(zip(train_sets, names))]
     console.log(f"{pair} seed {seed}: trained clients in {sum(c.seconds for c in clients):.1f}s")
-    surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args.per_class, seed, device, console)
+    surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args, seed, device, console)
     comparison = PairComparison(
         template, clients[0], clients[1], surrogates, tests,
-        merge=MergeConfig(ste=STEConfig(steps=args.ste_steps), np=NPConfig(steps=args.np_steps), seed=seed),
+        merge=MergeConfig(ste=STEConfig(steps=args.ste_steps, lr=args.ste_lr), np=NPConfig(steps=args.np_steps), seed=seed),
         device=device,
     )
     runs = [m for m in METHOD_RUNS if args.methods is None or m.label in args.methods]
@@ -137,6 +141,35 @@ def markdown_table(frame: pd.DataFrame, pairs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot_table2(frame: pd.DataFrame, path: Path) -> None:
+    """Grouped bars per pair: our mean accuracy per method, with the paper's figure as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [p for p in PAIRS if p in set(frame["pair"])]
+    labels = list(dict.fromkeys(frame["label"]))
+    means = frame.groupby(["label", "pair"])["acc_mixed"].mean()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 5), sharey=True, squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        values = [means.get((label, pair), float("nan")) for label in labels]
+        ax.barh(range(len(labels)), values, color="tab:blue", label="ours")
+        for i, label in enumerate(labels):
+            if label in PAPER:
+                ax.plot(PAPER[label][list(PAIRS).index(pair)], i, "k|", markersize=14, markeredgewidth=2, label="paper" if i == 0 else None)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("accuracy on mixed test set (%)")
+        ax.set_title(pair)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
@@ -145,14 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "table2.csv"
     versions = package_versions()
-    all_rows: list[dict] = []
+    done = set(pd.read_csv(csv_path)[["pair", "seed"]].itertuples(index=False, name=None)) if csv_path.exists() else set()
     for seed in args.seeds:
         for pair in args.pairs:
+            if (pair, seed) in done:
+                console.log(f"{pair} seed {seed}: already in {csv_path}, skipped (delete the file to start over)")
+                continue
             rows = [{**r, **versions} for r in run_pair(pair, seed, args, device, console)]
-            all_rows += rows
             pd.DataFrame(rows).to_csv(csv_path, mode="a" if csv_path.exists() else "w", header=not csv_path.exists(), index=False)
     frame = pd.read_csv(csv_path)
-    settings = (f"MLP 3x512, {args.epochs} local epochs, STE {args.ste_steps} steps, NP {args.np_steps} steps, "
+    plot_table2(frame, args.out / "table2.png")
+    settings = (f"MLP 3x512, {args.epochs} local epochs, STE {args.ste_steps} steps (Adam, lr {args.ste_lr}), NP {args.np_steps} steps, "
                 f"{args.per_class} images/class/client, seeds {sorted(frame['seed'].unique().tolist())}, device {versions['device']}")
     text = f"# Yamada et al. Table 2 reproduction\n\nAccuracy (%) on the mixed test set of A and B, lambda = 0.5. {settings}.\n\n"
     text += markdown_table(frame, [p for p in PAIRS if p in set(frame["pair"])]) + "\n"
