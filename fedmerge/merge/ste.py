@@ -32,7 +32,7 @@ class STEConfig:
     """Hyper-parameters of STE merging."""
 
     steps: int = 300
-    lr: float = 1e-3
+    lr: float = 1e-2
     batch_size: int = 256
     projection: str = "warm"  # "warm": warm-started single sweep; "full": weight matching from scratch
 
