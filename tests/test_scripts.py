@@ -23,7 +23,7 @@ def test_demo_rejects_unknown_dataset():
 
 
 def test_ste_speed_measures_both_projections(tmp_path):
-    ste_speed.main(["--models", "mlp", "--steps", "3", "--repeats", "1", "--batch-size", "16", "--out", str(tmp_path)])
+    ste_speed.main(["--models", "mlp", "--steps", "3", "--repeats", "1", "--epochs", "1", "--per-class", "2", "--out", str(tmp_path)])
     frame = pd.read_csv(tmp_path / "ste_speed.csv")
     assert set(frame["projection"]) == {"warm", "full"}
     assert (frame["steps_per_second"] > 0).all()
