@@ -31,6 +31,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
 
+def adam_config(lr: float, batch_size: int) -> TrainConfig:
+    """Adam without weight decay: how merge methods optimise their own variables (not network weights)."""
+    return TrainConfig(lr=lr, batch_size=batch_size, optimizer="adam", weight_decay=0.0)
+
+
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``config``."""
     if config.optimizer == "adam":

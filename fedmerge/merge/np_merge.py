@@ -17,7 +17,7 @@ from torch import nn
 from fedmerge.align.permute import State
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import forward_with, split_state
-from fedmerge.train import TrainConfig, fit
+from fedmerge.train import TrainConfig, adam_config, fit
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class NPConfig:
 
     def train_config(self) -> TrainConfig:
         """The optimiser settings (Adam, no weight decay) as a ``TrainConfig``."""
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, optimizer="adam", weight_decay=0.0)
+        return adam_config(self.lr, self.batch_size)
 
 
 def np_merge(

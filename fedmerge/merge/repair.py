@@ -58,13 +58,13 @@ def repair_points(model: nn.Module) -> list[str]:
 def unit_statistics(model: nn.Module, names: list[str], data: LabeledImages, device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-unit (mean, std) of the outputs of the named modules on ``data`` (eval mode)."""
     modules = dict(model.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, torch.Tensor] = {}  # per module: rows (sum, sum of squares, count) x units
 
     def hook(name: str):
         def record(_module, _inputs, output):
             flat = output.transpose(0, 1).reshape(output.shape[1], -1).double()
-            s = sums.setdefault(name, [torch.zeros(flat.shape[0], dtype=torch.float64, device=flat.device)] * 2 + [0])
-            sums[name] = [s[0] + flat.sum(1), s[1] + (flat**2).sum(1), s[2] + flat.shape[1]]
+            moments = torch.stack([flat.sum(1), (flat**2).sum(1), torch.full_like(flat[:, 0], flat.shape[1])])
+            sums[name] = sums[name] + moments if name in sums else moments
 
         return record
 

@@ -24,7 +24,7 @@ from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import forward_with, split_state
 from fedmerge.merge.interpolate import interpolate_states
 from fedmerge.models.spec import PermutationSpec
-from fedmerge.train import TrainConfig, fit
+from fedmerge.train import TrainConfig, adam_config, fit
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class STEConfig:
 
     def train_config(self) -> TrainConfig:
         """The optimiser settings (Adam, no weight decay) as a ``TrainConfig``."""
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, optimizer="adam", weight_decay=0.0)
+        return adam_config(self.lr, self.batch_size)
 
 
 @dataclass
