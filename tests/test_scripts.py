@@ -34,8 +34,9 @@ def fake_table2_rows() -> pd.DataFrame:
     rows = []
     for seed, shift in ((0, 0.0), (1, 2.0)):
         for pair in ("MNIST-RMNIST90", "USPS-MNIST"):
-            for label, acc in (("Model A", 50.0), ("WM", 70.0), ("NP (coreset 10/class)", 80.0)):
-                rows.append({"pair": pair, "seed": seed, "label": label, "acc_mixed": acc + shift})
+            for label, acc, surrogate in (("Model A", 50.0, ""), ("WM", 70.0, ""), ("NP (coreset 10/class)", 80.0, "condensed")):
+                rows.append({"pair": pair, "seed": seed, "label": label, "acc_mixed": acc + shift, "seconds": acc / 10 + seed,
+                             "train_seconds": 40.0 + seed, "surrogate": surrogate, "surrogate_seconds": 100.0 if surrogate else 0.0})
     return pd.DataFrame(rows)
 
 
@@ -47,6 +48,14 @@ def test_table2_markdown_puts_our_mean_and_std_next_to_the_paper():
     assert wm == "| WM | 71.0 ± 1.4 | 70.9 | 71.0 ± 1.4 | 84.2 |"
     np_row = next(line for line in lines if line.startswith("| NP"))
     assert np_row.endswith("| 81.0 ± 1.4 | – |")  # not in the paper
+
+
+def test_table2_wall_times_average_over_seeds_and_add_setup_rows():
+    text = table2.wall_time_table(fake_table2_rows(), ["MNIST-RMNIST90", "USPS-MNIST"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in text.splitlines()[2:]}
+    assert rows["WM"] == ["7.5", "7.5"]
+    assert rows["(training both clients)"] == ["40.5", "40.5"]
+    assert rows["(condensing both clients)"] == ["100.0", "100.0"]
 
 
 def test_table2_plot_is_written(tmp_path):
