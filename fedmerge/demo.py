@@ -20,7 +20,7 @@ from rich.table import Table
 from fedmerge.data import DATASET_NAMES, LabeledImages, PARTITION_KINDS, concat, load_dataset, make_partition
 from fedmerge.device import default_device, derive_seed
 from fedmerge.experiment import MethodRun, PairComparison, train_client
-from fedmerge.merge import METHODS, MergeConfig, NPConfig, STEConfig
+from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.models import MODEL_NAMES, build_model
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig, build_surrogate
 from fedmerge.train import TrainConfig
@@ -31,16 +31,20 @@ DEFAULT_RUNS = [
     MethodRun("ensemble", "ensemble", None),
     MethodRun("average", "average", None, correction="none"),
     MethodRun("WM", "wm", None),
+    MethodRun("AM", "am"),
     MethodRun("STE", "ste"),
     MethodRun("NP", "np"),
     MethodRun("STE+NP", "ste+np"),
+    MethodRun("STE + fine-tune", "ste+finetune"),
+    MethodRun("train on surrogate", "scratch"),
 ]
+BASELINES = ("model-a", "model-b", "ensemble")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASET_NAMES)} or rmnist-<deg>")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: $FEDMERGE_DATA); not needed for digits")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: $FEDMERGE_DATA, else ./data or ../shared/data); not needed for digits")
     p.add_argument("--split", default="disjoint", choices=PARTITION_KINDS)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (split=dirichlet)")
     p.add_argument("--model", default="mlp", choices=MODEL_NAMES)
@@ -50,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--ste-steps", type=int, default=200)
     p.add_argument("--np-steps", type=int, default=200)
-    p.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, choices=[r.method for r in DEFAULT_RUNS if r.method not in BASELINES],
+                   help="merge methods and baselines to run besides the clients and their ensemble (default: all)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         merge=MergeConfig(ste=STEConfig(steps=args.ste_steps), np=NPConfig(steps=args.np_steps), seed=args.seed),
         lam=clients[1].num_samples / (clients[0].num_samples + clients[1].num_samples), device=device,
     )
-    runs = [r for r in DEFAULT_RUNS if args.methods is None or r.method in args.methods or r.method.startswith("model") or r.method == "ensemble"]
+    runs = [r for r in DEFAULT_RUNS if args.methods is None or r.method in args.methods or r.method in BASELINES]
     rows = [comparison.run(r) for r in runs]
     table = Table(title=f"{args.dataset}, {args.split} split, {args.model}: test accuracy (%)")
     columns = [k for k in rows[0] if k.startswith("acc_")]

@@ -18,8 +18,9 @@ from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig, merge_pair
 from fedmerge.train import TrainConfig, evaluate, train
 
-# Methods that are not merges of A and B.
-REFERENCE_METHODS = ("model-a", "model-b", "ensemble", "fine-tune", "scratch")
+# Methods beyond ``fedmerge.merge.METHODS``: the clients themselves, their output ensemble, an STE
+# merge fine-tuned on the surrogate, and a fresh model trained on the surrogate alone ("Coreset AB").
+REFERENCE_METHODS = ("model-a", "model-b", "ensemble", "ste+finetune", "scratch")
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,11 @@ class PairComparison:
             return Ensemble([a, b], [1 - self.lam, self.lam])
         if method.method == "scratch":
             return train_from_scratch(self.template, _require(data, method), self.finetune, self.merge.seed, self.device)
-        merge_method = "ste" if method.method == "fine-tune" else method.method
-        config = replace(self.merge, method=merge_method, correction=method.correction)
+        finetuned = method.method == "ste+finetune"
+        config = replace(self.merge, method="ste" if finetuned else method.method, correction=method.correction)
         result = merge_pair(self.template, a.state_dict(), b.state_dict(), data, self.lam, config, self.device)
         merged = load_state(self.template, result.state)
-        if method.method == "fine-tune":
+        if finetuned:
             return fine_tune(merged, _require(data, method), self.finetune, self.merge.seed, self.device)
         return merged
 

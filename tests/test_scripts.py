@@ -12,7 +12,7 @@ from simulations import ste_speed, table2
 def test_demo_runs_on_embedded_digits_and_prints_every_method(capsys):
     demo.main(["--epochs", "2", "--width", "32", "--ste-steps", "3", "--np-steps", "3", "--per-class", "2"])
     out = capsys.readouterr().out
-    for label in ("client A", "client B", "ensemble", "average", "WM", "STE", "NP", "STE+NP"):
+    for label in ("client A", "client B", "ensemble", "average", "WM", "AM", "STE", "NP", "STE+NP", "STE + fine-tune", "train on surrogate"):
         assert f"│ {label} " in out
     assert "classes of A" in out and "global" in out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -33,8 +35,6 @@ def split_state(model: nn.Module, state: State) -> tuple[State, State]:
 
 def load_state(model: nn.Module, state: State) -> nn.Module:
     """A copy of ``model`` carrying ``state``."""
-    import copy
-
     clone = copy.deepcopy(model)
     clone.load_state_dict(state)
     return clone

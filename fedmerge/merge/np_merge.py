@@ -7,6 +7,7 @@ the plain interpolation weight) and the merged weight is ``alpha * A + (1 - alph
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ class NPConfig:
     steps: int = 300
     lr: float = 1e-2
     batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"NP Merge needs steps >= 0, lr > 0 and batch_size >= 1, got {self}")
 
     def train_config(self) -> TrainConfig:
         """The optimiser settings (Adam, no weight decay) as a ``TrainConfig``."""
@@ -52,7 +57,7 @@ def np_merge(
     params_b, _ = split_state(model, {k: v.to(device) for k, v in state_b_aligned.items()})
     logit = math.log((1 - lam) / lam)  # sigmoid(logit) = 1 - lam = weight of A
     alpha_pre = {k: torch.full_like(v, logit, requires_grad=True) for k, v in params_a.items()}
-    model = model.to(device).train()
+    model = copy.deepcopy(model).to(device).train()  # the caller's template is left as it was
 
     def merged_params() -> State:
         return {k: torch.lerp(params_b[k], params_a[k], torch.sigmoid(alpha_pre[k])) for k in params_a}
@@ -61,7 +66,6 @@ def np_merge(
         return F.cross_entropy(forward_with(model, merged_params(), buffers_a, x), y)
 
     losses = fit(alpha_pre.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="NP Merge")
-    model.eval()
     with torch.no_grad():
         merged = {**{k: v.clone() for k, v in buffers_a.items()}, **merged_params()}
         # Buffers (BatchNorm running statistics) are interpolated linearly; a BN reset follows.

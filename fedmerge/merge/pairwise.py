@@ -12,7 +12,7 @@ from torch import nn
 from fedmerge.align.permute import Perms, State, apply_permutation, identity_perms
 from fedmerge.align.weight_matching import weight_matching
 from fedmerge.data.images import LabeledImages
-from fedmerge.merge.functional import load_state
+from fedmerge.merge.functional import load_state, split_state
 from fedmerge.merge.interpolate import interpolate_states
 from fedmerge.merge.np_merge import NPConfig, np_merge
 from fedmerge.merge.repair import has_batchnorm, repair, reset_batchnorm
@@ -77,12 +77,15 @@ def merge_pair(
     start = time.perf_counter()
     spec = model.permutation_spec()
     check_compatible(spec, state_a, state_b)
+    state_a = {k: v.to(device) for k, v in state_a.items()}
+    state_b = {k: v.to(device) for k, v in state_b.items()}
     method = config.method
     has_data = surrogate is not None and len(surrogate) > 0
     if method in DATA_METHODS and not has_data:
         log.warning("merge method %r needs surrogate data but none was given: falling back to data-free weight matching", method)
         method = "wm"
     losses: list[float] = []
+    merged: State | None = None
     if method == "average":
         perms = identity_perms(spec, state_b)
     elif method == "am":
@@ -91,17 +94,17 @@ def merge_pair(
         perms = activation_matching(load_state(model, state_a), load_state(model, state_b), surrogate, device=device)
     elif method in ("ste", "ste+np"):
         result = ste_merge(model, spec, state_a, state_b, surrogate, lam, config.ste, config.seed, device)
-        perms, losses = result.perms, result.losses
-    else:  # wm, np
-        perms = weight_matching(spec, state_a, state_b, seed=config.seed)
+        perms, losses, merged = result.perms, result.losses, result.state
+    else:  # wm, np: match parameters only, not BatchNorm running statistics
+        perms = weight_matching(spec, split_state(model, state_a)[0], state_b, seed=config.seed)
     aligned_b = apply_permutation(spec, perms, state_b)
     if method in ("np", "ste+np"):
         merged, np_losses = np_merge(model, state_a, aligned_b, surrogate, lam, config.np, config.seed, device)
         losses += np_losses
-    else:
+    elif merged is None:
         merged = interpolate_states(state_a, aligned_b, lam)
     merged = _correct(model, merged, state_a, aligned_b, surrogate if has_data else None, lam, config.correction, device)
-    return MergeResult(merged, perms, method, time.perf_counter() - start, losses)
+    return MergeResult({k: v.detach().cpu() for k, v in merged.items()}, perms, method, time.perf_counter() - start, losses)
 
 
 def check_compatible(spec: PermutationSpec, state_a: State, state_b: State) -> None:

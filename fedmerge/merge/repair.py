@@ -38,10 +38,12 @@ def reset_batchnorm(model: nn.Module, data: LabeledImages, batch_size: int = 256
         m.reset_running_stats()
         m.momentum = None
     model.to(device).train()
-    for x, _ in batches(data, batch_size, shuffle=False):
-        model(x.to(device))
-    for m, momentum in zip(bns, saved_momentum):
-        m.momentum = momentum
+    try:
+        for x, _ in batches(data, batch_size, shuffle=False):
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(bns, saved_momentum):
+            m.momentum = momentum
     return model.eval()
 
 
@@ -56,7 +58,7 @@ def repair_points(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def unit_statistics(model: nn.Module, names: list[str], data: LabeledImages, device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-unit (mean, std) of the outputs of the named modules on ``data`` (eval mode)."""
+    """Per-unit (mean, std) of the outputs of the named modules on ``data``; leaves ``model`` in eval mode on ``device``."""
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}  # per module: rows (sum, sum of squares, count) x units
 
@@ -101,7 +103,7 @@ def repair(
     """
     if len(data) == 0:
         raise ValueError("REPAIR needs a non-empty dataset")
-    merged = copy.deepcopy(merged)
+    merged, model_a, model_b = (copy.deepcopy(m) for m in (merged, model_a, model_b))
     if has_batchnorm(merged):
         reset_batchnorm(merged, data, device=device)
     names = repair_points(merged)
@@ -112,7 +114,9 @@ def repair(
         mean_m, std_m = unit_statistics(merged, [name], data, device)[name]
         target_mean = torch.lerp(stats_a[name][0], stats_b[name][0], lam)
         target_std = torch.lerp(stats_a[name][1], stats_b[name][1], lam)
-        scale = target_std / (std_m + eps)
+        # Units (nearly) constant on the data cannot be rescaled meaningfully: only shift them.
+        live = std_m > eps * std_m.mean().clamp_min(1.0)
+        scale = torch.where(live, target_std / std_m.clamp_min(eps), torch.ones_like(std_m))
         module = modules[name]
         shape = (-1,) + (1,) * (module.weight.ndim - 1)
         module.weight.mul_(scale.view(shape).to(module.weight.dtype))

@@ -11,6 +11,7 @@ every step (the plain implementation, kept for the speed benchmark).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -39,8 +40,8 @@ class STEConfig:
     def __post_init__(self) -> None:
         if self.projection not in ("warm", "full"):
             raise ValueError(f"projection must be 'warm' or 'full', got {self.projection!r}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"STE needs steps >= 0, lr > 0 and batch_size >= 1, got {self}")
 
     def train_config(self) -> TrainConfig:
         """The optimiser settings (Adam, no weight decay) as a ``TrainConfig``."""
@@ -82,16 +83,20 @@ def ste_merge(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> STEResult:
-    """Merge B into A with permutations learned by the straight-through estimator on ``surrogate``."""
+    """Merge B into A with permutations learned by the straight-through estimator on ``surrogate``.
+
+    Permutations are matched on parameters only (not BatchNorm running statistics), as in the
+    projection of every step. ``model`` is only read: a copy runs the forward passes.
+    """
     if len(surrogate) == 0:
         raise ValueError("STE needs a non-empty surrogate dataset")
     state_a = {k: v.to(device) for k, v in state_a.items()}
     state_b = {k: v.to(device) for k, v in state_b.items()}
-    perms = weight_matching(spec, state_a, state_b, seed=seed)
     params_a, buffers_a = split_state(model, state_a)
+    perms = weight_matching(spec, params_a, state_b, seed=seed)
     soft = {k: v.clone().requires_grad_(True) for k, v in params_a.items()}  # Ainsworth et al.: start at A
     project = _Projector(spec, state_b, perms, config.projection, seed)
-    model = model.to(device).train()
+    model = copy.deepcopy(model).to(device).train()
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         projected = project({k: v.detach() for k, v in soft.items()})
@@ -103,5 +108,4 @@ def ste_merge(
     step_seconds = time.perf_counter() - start
     final = weight_matching(spec, {k: v.detach() for k, v in soft.items()}, state_b, init=project.perms, seed=seed)
     merged = interpolate_states(state_a, apply_permutation(spec, final, state_b), lam)
-    model.eval()
     return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds)
