@@ -73,16 +73,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--np-steps", type=int, default=500)
     parser.add_argument("--per-class", type=int, default=10, help="coreset / condensed images per class per client")
     parser.add_argument("--condense-iterations", type=int, default=None, help="networks to match gradients on (default: the library's)")
-    parser.add_argument("--methods", nargs="+", default=None, help="labels of the methods to run (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=[m.label for m in METHOD_RUNS], metavar="LABEL",
+                        help="labels of the methods to run, e.g. 'STE (coreset 10/class)' (default: all)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     return parser.parse_args(argv)
 
 
-def build_surrogates(pair_train, clients, args: argparse.Namespace, seed: int, device, console: Console) -> tuple[dict, dict[str, float]]:
-    """Full union, random coreset and condensed set of both clients, and the seconds each took."""
+def run_config(args: argparse.Namespace) -> dict:
+    """The settings that shape a row's numbers; rows are resumed only under the same settings."""
+    iterations, _, _ = CondenseConfig(iterations=args.condense_iterations).schedule(args.per_class)
+    return {"epochs": args.epochs, "ste_steps": args.ste_steps, "ste_lr": args.ste_lr, "np_steps": args.np_steps,
+            "per_class": args.per_class, "condense_iterations": iterations}
+
+
+def build_surrogates(pair_train, clients, args: argparse.Namespace, keys: set[str], seed: int, device, console: Console) -> tuple[dict, dict[str, float]]:
+    """The surrogates named in ``keys`` (full union, random coreset, condensed set of both clients) and their seconds."""
     surrogates, seconds = {"full": concat(pair_train, name="full")}, {}
     condense = CondenseConfig(iterations=args.condense_iterations)
     for kind, key in (("random", "coreset"), ("condensed", "condensed")):
+        if key not in keys:
+            continue
         start = time.perf_counter()
         config = SurrogateConfig(kind=kind, per_class=args.per_class, condense=condense)
         parts = [
@@ -95,8 +105,8 @@ def build_surrogates(pair_train, clients, args: argparse.Namespace, seed: int, d
     return surrogates, seconds
 
 
-def run_pair(pair: str, seed: int, args: argparse.Namespace, device, console: Console) -> list[dict]:
-    """All methods on one domain pair and seed."""
+def run_pair(pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespace, device, console: Console) -> list[dict]:
+    """The given methods on one domain pair and seed."""
     names = PAIRS[pair]
     train_sets = domain_split(list(names), train=True, root=args.data_root)
     test_sets = domain_split(list(names), train=False, root=args.data_root)
@@ -105,20 +115,31 @@ def run_pair(pair: str, seed: int, args: argparse.Namespace, device, console: Co
     config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=128)
     clients = [train_client(template, d, config, derive_seed(seed, pair, i), device, n) for i, (d, n) in enumerate(zip(train_sets, names))]
     console.log(f"{pair} seed {seed}: trained clients in {sum(c.seconds for c in clients):.1f}s")
-    surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args, seed, device, console)
+    keys = {m.surrogate for m in runs if m.surrogate}
+    surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args, keys, seed, device, console)
     comparison = PairComparison(
         template, clients[0], clients[1], surrogates, tests,
         merge=MergeConfig(ste=STEConfig(steps=args.ste_steps, lr=args.ste_lr), np=NPConfig(steps=args.np_steps), seed=seed),
         device=device,
     )
-    runs = [m for m in METHOD_RUNS if args.methods is None or m.label in args.methods]
     rows = []
     for method in runs:
         row = comparison.run(method)
         console.log(f"{pair} seed {seed} {method.label}: {row['acc_mixed']:.2f}% ({row['seconds']:.1f}s)")
         rows.append({"pair": pair, "seed": seed, **row, "train_seconds": round(sum(c.seconds for c in clients), 1),
-                     "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1)})
+                     "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1), **run_config(args)})
     return rows
+
+
+def finished_rows(csv_path: Path, config: dict) -> pd.DataFrame:
+    """Rows already in ``csv_path`` that were made with ``config`` (empty when there are none)."""
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return pd.DataFrame(columns=["pair", "seed", "label"])
+    frame = pd.read_csv(csv_path)
+    same = pd.Series(True, index=frame.index)
+    for key, value in config.items():
+        same &= frame[key] == value if key in frame else False
+    return frame[same]
 
 
 def markdown_table(frame: pd.DataFrame, pairs: list[str]) -> str:
@@ -184,22 +205,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
     device = default_device()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "table2.csv"
-    versions = package_versions()
-    done = set(pd.read_csv(csv_path)[["pair", "seed"]].itertuples(index=False, name=None)) if csv_path.exists() else set()
+    versions, config = package_versions(), run_config(args)
+    selected = [m for m in METHOD_RUNS if args.methods is None or m.label in args.methods]
+    done = set(finished_rows(csv_path, config)[["pair", "seed", "label"]].itertuples(index=False, name=None))
     for seed in args.seeds:
         for pair in args.pairs:
-            if (pair, seed) in done:
-                console.log(f"{pair} seed {seed}: already in {csv_path}, skipped (delete the file to start over)")
+            runs = [m for m in selected if (pair, seed, m.label) not in done]
+            if not runs:
+                console.log(f"{pair} seed {seed}: already in {csv_path} with these settings, skipped")
                 continue
-            rows = [{**r, **versions} for r in run_pair(pair, seed, args, device, console)]
-            pd.DataFrame(rows).to_csv(csv_path, mode="a" if csv_path.exists() else "w", header=not csv_path.exists(), index=False)
-    frame = pd.read_csv(csv_path)
+            rows = [{**r, **versions} for r in run_pair(pair, seed, runs, args, device, console)]
+            header = not csv_path.exists() or csv_path.stat().st_size == 0
+            pd.DataFrame(rows).to_csv(csv_path, mode="a", header=header, index=False)
+    frame = finished_rows(csv_path, config)
+    if frame.empty:
+        console.print(f"no rows with these settings in {csv_path}")
+        return
     plot_table2(frame, args.out / "table2.png")
     settings = (f"MLP 3x512, {args.epochs} local epochs, STE {args.ste_steps} steps (Adam, lr {args.ste_lr}), NP {args.np_steps} steps, "
-                f"{args.per_class} images/class/client, seeds {sorted(frame['seed'].unique().tolist())}, device {versions['device']}")
+                f"{args.per_class} images/class/client, condensation by gradient matching on {config['condense_iterations']} networks "
+                f"(the paper: 1000), seeds {sorted(frame['seed'].unique().tolist())}")
     text = f"# Yamada et al. Table 2 reproduction\n\nAccuracy (%) on the mixed test set of A and B, lambda = 0.5. {settings}.\n\n"
     pairs = [p for p in PAIRS if p in set(frame["pair"])]
     text += markdown_table(frame, pairs) + "\n"

@@ -7,6 +7,7 @@ import pytest
 
 from fedmerge import demo
 from simulations import ste_speed, table2
+from tests.helpers import SHARED, needs_shared
 
 
 def test_demo_runs_on_embedded_digits_and_prints_every_method(capsys):
@@ -62,3 +63,30 @@ def test_table2_plot_is_written(tmp_path):
     path = tmp_path / "table2.png"
     table2.plot_table2(fake_table2_rows(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table2_rejects_unknown_method_labels():
+    with pytest.raises(SystemExit):
+        table2.parse_args(["--methods", "STE (coreset)"])
+
+
+@needs_shared
+@pytest.mark.usefixtures("tmp_cache")
+def test_table2_runs_on_real_data_and_resumes_without_redoing_rows(tmp_path, monkeypatch):
+    common = ["--data-root", str(SHARED), "--pairs", "USPS-MNIST", "--epochs", "1", "--out", str(tmp_path)]
+    args = [*common, "--ste-steps", "2", "--methods", "Model A", "WM", "STE (coreset 10/class)"]
+    table2.main(args)
+    frame = pd.read_csv(tmp_path / "table2.csv")
+    assert list(frame["label"]) == ["Model A", "WM", "STE (coreset 10/class)"]
+    assert frame["acc_mixed"].between(10, 100).all() and (frame["ste_steps"] == 2).all()
+    assert "| WM |" in (tmp_path / "table2.md").read_text() and (tmp_path / "table2.png").exists()
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("finished rows were run again")
+
+    monkeypatch.setattr(table2, "run_pair", fail)
+    table2.main(args)  # same settings: nothing to do
+    assert len(pd.read_csv(tmp_path / "table2.csv")) == 3
+    monkeypatch.undo()
+    table2.main([*common, "--ste-steps", "3", "--methods", "Model A"])  # new settings: a new row
+    assert len(pd.read_csv(tmp_path / "table2.csv")) == 4
