@@ -33,6 +33,7 @@ from fedmerge.merge import (
     np_merge,
     repair,
     reset_batchnorm,
+    ste_merge,
     train_from_scratch,
     weighted_average,
 )
@@ -386,6 +387,17 @@ def test_ste_respects_lambda(split_pairs, lam):
         torch.testing.assert_close(result.state[key], value, msg=key)
 
 
+@pytest.mark.parametrize("lam", [0.3, 0.7])
+def test_ste_first_step_loss_is_that_of_the_lambda_weighted_weight_matching_merge(split_pairs, lam):
+    # The soft weights start at A, so the first straight-through forward pass is exactly the WM merge at lam.
+    pair = split_pairs[SPLIT_SEEDS[0]]
+    a, b = pair.model_a.state_dict(), pair.model_b.state_dict()
+    config = STEConfig(steps=1, batch_size=len(pair.surrogate))
+    result = ste_merge(pair.template, pair.spec, a, b, pair.surrogate, lam, config)
+    wm = merge_pair(pair.template, a, b, lam=lam, config=MergeConfig(method="wm"))
+    assert result.losses[0] == pytest.approx(data_loss(load(pair.template, wm.state), pair.surrogate), rel=1e-4)
+
+
 def test_ste_with_default_settings_improves_on_weight_matching(split_pairs):
     changed, gains = [], []
     for pair in split_pairs.values():
@@ -691,3 +703,16 @@ def test_train_from_scratch_forgets_the_weights_and_fits_the_surrogate(split_pai
     assert evaluate(trained, pair.surrogate) == 100.0
     assert data_loss(trained, pair.surrogate) < data_loss(fresh, pair.surrogate) / 2
     assert evaluate(trained, pair.test) > 60.0  # it learned all four classes, not only A's two
+
+
+@pytest.mark.parametrize("method", ["ste", "np", "ste+np"])
+def test_merging_leaves_the_callers_models_as_they_were(split_pairs, method):
+    pair = split_pairs[SPLIT_SEEDS[0]]
+    template, model_a = pair.template.train(), pair.model_a.train()
+    before = snapshot(template), snapshot(model_a)
+    config = MergeConfig(method=method, correction="repair", ste=STEConfig(steps=3), np=NPConfig(steps=3))
+    merge_pair(template, model_a.state_dict(), pair.model_b.state_dict(), pair.surrogate, config=config)
+    assert template.training and model_a.training
+    for old, model in zip(before, (template, model_a)):
+        assert all(torch.equal(old[k], v) for k, v in model.state_dict().items())
+    template.eval(), model_a.eval()
