@@ -173,7 +173,7 @@ def wall_time_table(frame: pd.DataFrame, pairs: list[str]) -> str:
 
 
 def plot_table2(frame: pd.DataFrame, path: Path) -> None:
-    """Grouped bars per pair: our mean accuracy per method, with the paper's figure as a black tick."""
+    """Bars per pair: our mean accuracy per method (std over seeds as error bars), the paper's figure as a black tick."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,11 +181,11 @@ def plot_table2(frame: pd.DataFrame, path: Path) -> None:
 
     pairs = [p for p in PAIRS if p in set(frame["pair"])]
     labels = list(dict.fromkeys(frame["label"]))
-    means = frame.groupby(["label", "pair"])["acc_mixed"].mean()
+    stats = frame.groupby(["label", "pair"])["acc_mixed"].agg(["mean", "std"]).fillna(0.0)
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 5), sharey=True, squeeze=False)
     for ax, pair in zip(axes[0], pairs):
-        values = [means.get((label, pair), float("nan")) for label in labels]
-        ax.barh(range(len(labels)), values, color="tab:blue", label="ours")
+        rows = [stats.loc[(label, pair)] if (label, pair) in stats.index else pd.Series({"mean": float("nan"), "std": 0.0}) for label in labels]
+        ax.barh(range(len(labels)), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue", label="ours (± std over seeds)")
         for i, label in enumerate(labels):
             if label in PAPER:
                 ax.plot(PAPER[label][list(PAIRS).index(pair)], i, "k|", markersize=14, markeredgewidth=2, label="paper" if i == 0 else None)
