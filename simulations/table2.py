@@ -131,6 +131,16 @@ def run_pair(pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespa
     return rows
 
 
+def save_rows(csv_path: Path, rows: list[dict]) -> None:
+    """Add ``rows`` to the CSV, matching columns by name, via a temporary file and an atomic rename."""
+    if not rows:
+        return
+    old = pd.read_csv(csv_path) if csv_path.exists() and csv_path.stat().st_size > 0 else pd.DataFrame()
+    tmp = csv_path.with_suffix(".csv.tmp")
+    pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
+    tmp.replace(csv_path)
+
+
 def finished_rows(csv_path: Path, config: dict) -> pd.DataFrame:
     """Rows already in ``csv_path`` that were made with ``config`` (empty when there are none)."""
     if not csv_path.exists() or csv_path.stat().st_size == 0:
@@ -217,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                 console.log(f"{pair} seed {seed}: already in {csv_path} with these settings, skipped")
                 continue
             rows = [{**r, **versions} for r in run_pair(pair, seed, runs, args, device, console)]
-            header = not csv_path.exists() or csv_path.stat().st_size == 0
-            pd.DataFrame(rows).to_csv(csv_path, mode="a", header=header, index=False)
+            save_rows(csv_path, rows)
     frame = finished_rows(csv_path, config)
     if frame.empty:
         console.print(f"no rows with these settings in {csv_path}")

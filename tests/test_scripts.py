@@ -89,4 +89,14 @@ def test_table2_runs_on_real_data_and_resumes_without_redoing_rows(tmp_path, mon
     assert len(pd.read_csv(tmp_path / "table2.csv")) == 3
     monkeypatch.undo()
     table2.main([*common, "--ste-steps", "3", "--methods", "Model A"])  # new settings: a new row
-    assert len(pd.read_csv(tmp_path / "table2.csv")) == 4
+    frame = pd.read_csv(tmp_path / "table2.csv")
+    assert len(frame) == 4 and list(frame["ste_steps"]) == [2, 2, 2, 3]
+
+
+def test_table2_rows_are_saved_by_column_name_whatever_their_order(tmp_path):
+    path = tmp_path / "rows.csv"
+    table2.save_rows(path, [{"pair": "p", "seed": 0, "acc_mixed": 50.0}])
+    table2.save_rows(path, [{"acc_mixed": 60.0, "seed": 1, "pair": "p", "extra": "x"}])
+    frame = pd.read_csv(path)
+    assert list(frame["seed"]) == [0, 1] and list(frame["acc_mixed"]) == [50.0, 60.0]
+    assert frame["extra"].isna().tolist() == [True, False]
