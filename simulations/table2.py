@@ -183,7 +183,7 @@ def wall_time_table(frame: pd.DataFrame, pairs: list[str]) -> str:
 
 
 def plot_table2(frame: pd.DataFrame, path: Path) -> None:
-    """Bars per pair: our mean accuracy per method (std over seeds as error bars), the paper's figure as a black tick."""
+    """Bars per pair: our mean accuracy per method (std over seeds as error bars), the paper's figure as a red tick."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,18 +195,19 @@ def plot_table2(frame: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 5), sharey=True, squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         rows = [stats.loc[(label, pair)] if (label, pair) in stats.index else pd.Series({"mean": float("nan"), "std": 0.0}) for label in labels]
-        ax.barh(range(len(labels)), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue", label="ours (± std over seeds)")
+        ax.barh(range(len(labels)), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue",
+                ecolor="0.35", label="ours (± std over seeds)")
         for i, label in enumerate(labels):
             if label in PAPER:
-                ax.plot(PAPER[label][list(PAIRS).index(pair)], i, "k|", markersize=14, markeredgewidth=2, label="paper" if i == 0 else None)
+                ax.plot(PAPER[label][list(PAIRS).index(pair)], i, "|", color="tab:red", markersize=16, markeredgewidth=2.5, label="paper" if i == 0 else None)
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("accuracy on mixed test set (%)")
         ax.set_title(pair)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
