@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 from rich.console import Console
 
 from fedmerge.data import concat, domain_split
