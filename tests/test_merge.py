@@ -37,6 +37,7 @@ from fedmerge.merge import (
     train_from_scratch,
     weighted_average,
 )
+from fedmerge.merge import ste as ste_module
 from fedmerge.merge.repair import repair_points, unit_statistics
 from fedmerge.models import build_model
 from fedmerge.train import TrainConfig, evaluate, train
@@ -716,3 +717,22 @@ def test_merging_leaves_the_callers_models_as_they_were(split_pairs, method):
     for old, model in zip(before, (template, model_a)):
         assert all(torch.equal(old[k], v) for k, v in model.state_dict().items())
     template.eval(), model_a.eval()
+
+
+def test_ste_keeps_its_weight_matching_start_when_it_ends_worse(split_pairs, monkeypatch):
+    pair = split_pairs[SPLIT_SEEDS[0]]
+    a, b = pair.model_a.state_dict(), pair.model_b.state_dict()
+    wm = merge_pair(pair.template, a, b, config=MergeConfig(method="wm"))
+    real_weight_matching = ste_module.weight_matching
+
+    def scrambled_after_start(spec, target, source, init=None, **kwargs):
+        # The start (no init) is real weight matching; every later projection lands on a random permutation.
+        if init is None:
+            return real_weight_matching(spec, target, source, **kwargs)
+        return random_perms(spec, source, torch.Generator().manual_seed(7))
+
+    monkeypatch.setattr(ste_module, "weight_matching", scrambled_after_start)
+    result = ste_merge(pair.template, pair.spec, a, b, pair.surrogate, 0.5, STEConfig(steps=2, batch_size=40))
+    assert result.kept_start
+    assert all(torch.equal(result.perms[p], wm.perms[p]) for p in pair.spec.perm_names)
+    torch.testing.assert_close(result.state, wm.state)

@@ -12,6 +12,7 @@ every step (the plain implementation, kept for the speed benchmark).
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +26,9 @@ from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import forward_with, split_state
 from fedmerge.merge.interpolate import interpolate_states
 from fedmerge.models.spec import PermutationSpec
-from fedmerge.train import TrainConfig, adam_config, fit
+from fedmerge.train import TrainConfig, adam_config, batches, fit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,17 @@ class STEConfig:
 
 @dataclass
 class STEResult:
-    """Merged state, the permutation of B it used, the loss of every step and the time the steps took."""
+    """Merged state, the permutation of B it used, the loss of every step and the time the steps took.
+
+    ``kept_start`` is true when STE ended worse on the surrogate than its weight-matching start, which
+    was then returned instead.
+    """
 
     state: State
     perms: Perms
     losses: list[float] = field(default_factory=list)
     step_seconds: float = 0.0
+    kept_start: bool = False
 
 
 class _Projector:
@@ -107,5 +115,22 @@ def ste_merge(
     losses = fit(soft.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="STE")
     step_seconds = time.perf_counter() - start
     final = weight_matching(spec, {k: v.detach() for k, v in soft.items()}, state_b, init=project.perms, seed=seed)
+    # Like the reference implementation, never return a merge worse on the surrogate than where STE started.
+    start_loss, final_loss = (
+        merge_loss(model, params_a, buffers_a, apply_permutation(spec, p, state_b), lam, surrogate.to(device), config.batch_size)
+        for p in (perms, final)
+    )
+    kept_start = final_loss > start_loss
+    if kept_start:
+        log.info("STE ended worse on the surrogate (%.4f) than weight matching (%.4f): keeping weight matching", final_loss, start_loss)
+        final = perms
     merged = interpolate_states(state_a, apply_permutation(spec, final, state_b), lam)
-    return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds)
+    return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds, kept_start)
+
+
+@torch.no_grad()
+def merge_loss(model: nn.Module, params_a: State, buffers_a: State, aligned_b: State, lam: float, data: LabeledImages, batch_size: int) -> float:
+    """Mean cross-entropy on ``data`` of the ``lam``-interpolation of A's parameters and aligned B's (forward as in training)."""
+    merged = {k: torch.lerp(v, aligned_b[k], lam) for k, v in params_a.items()}
+    total = sum(F.cross_entropy(forward_with(model, merged, buffers_a, x), y, reduction="sum").item() for x, y in batches(data, batch_size, shuffle=False))
+    return total / len(data)
