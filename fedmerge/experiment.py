@@ -5,7 +5,6 @@ Shared by the command-line demo and the benchmark scripts so they all measure th
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,6 +15,7 @@ from fedmerge.data.images import LabeledImages
 from fedmerge.merge.baselines import Ensemble, fine_tune, train_from_scratch
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig, merge_pair
+from fedmerge.models.registry import reinitialized_copy
 from fedmerge.train import TrainConfig, evaluate, train
 
 # Methods beyond ``fedmerge.merge.METHODS``: the clients themselves, their output ensemble, an STE
@@ -46,11 +46,7 @@ class ClientModel:
 
 def train_client(template: nn.Module, data: LabeledImages, config: TrainConfig, seed: int, device: torch.device | str, name: str) -> ClientModel:
     """Train a fresh copy of ``template`` (re-initialised with ``seed``) on one client's data."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(template)
-    for module in model.modules():
-        if module is not model and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    model = reinitialized_copy(template, seed)
     start = time.perf_counter()
     train(model, data, config, seed=seed, device=device, description=f"train {name}")
     return ClientModel(name, model.cpu(), len(data), time.perf_counter() - start)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedmerge.data.images import LabeledImages
+from fedmerge.models.registry import reinitialized_copy
 from fedmerge.train import TrainConfig, train
 
 
@@ -37,9 +38,4 @@ def fine_tune(model: nn.Module, surrogate: LabeledImages, config: TrainConfig, s
 
 def train_from_scratch(model: nn.Module, surrogate: LabeledImages, config: TrainConfig, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
     """A freshly initialised copy of ``model``'s architecture trained only on the surrogate ("Coreset AB")."""
-    fresh = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for module in fresh.modules():
-        if hasattr(module, "reset_parameters") and module is not fresh:
-            module.reset_parameters()
-    return train(fresh, surrogate, config, seed=seed, device=device, description="train on surrogate")
+    return train(reinitialized_copy(model, seed), surrogate, config, seed=seed, device=device, description="train on surrogate")

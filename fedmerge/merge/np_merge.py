@@ -18,6 +18,7 @@ from torch import nn
 from fedmerge.align.permute import State
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import forward_with, split_state
+from fedmerge.merge.interpolate import interpolate_states
 from fedmerge.train import TrainConfig, adam_config, fit
 
 
@@ -54,7 +55,7 @@ def np_merge(
     if not 0.0 < lam < 1.0:
         raise ValueError(f"NP Merge needs lambda strictly inside (0, 1), got {lam}")
     params_a, buffers_a = split_state(model, {k: v.to(device) for k, v in state_a.items()})
-    params_b, _ = split_state(model, {k: v.to(device) for k, v in state_b_aligned.items()})
+    params_b, buffers_b = split_state(model, {k: v.to(device) for k, v in state_b_aligned.items()})
     logit = math.log((1 - lam) / lam)  # sigmoid(logit) = 1 - lam = weight of A
     alpha_pre = {k: torch.full_like(v, logit, requires_grad=True) for k, v in params_a.items()}
     model = copy.deepcopy(model).to(device).train()  # the caller's template is left as it was
@@ -67,10 +68,6 @@ def np_merge(
 
     losses = fit(alpha_pre.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="NP Merge")
     with torch.no_grad():
-        merged = {**{k: v.clone() for k, v in buffers_a.items()}, **merged_params()}
         # Buffers (BatchNorm running statistics) are interpolated linearly; a BN reset follows.
-        for key in buffers_a:
-            b = state_b_aligned[key].to(device)
-            if b.is_floating_point():
-                merged[key] = torch.lerp(buffers_a[key], b, lam)
+        merged = {**interpolate_states(buffers_a, buffers_b, lam), **merged_params()}
     return {k: merged[k].detach().cpu() for k in state_a}, losses

@@ -105,6 +105,7 @@ def ste_merge(
     soft = {k: v.clone().requires_grad_(True) for k, v in params_a.items()}  # Ainsworth et al.: start at A
     project = _Projector(spec, state_b, perms, config.projection, seed)
     model = copy.deepcopy(model).to(device).train()
+    data = surrogate.to(device)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         projected = project({k: v.detach() for k, v in soft.items()})
@@ -112,19 +113,17 @@ def ste_merge(
         return F.cross_entropy(forward_with(model, merged, buffers_a, x), y)
 
     start = time.perf_counter()
-    losses = fit(soft.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="STE")
+    losses = fit(soft.values(), loss_fn, data, config.train_config(), seed, steps=config.steps, description="STE")
     step_seconds = time.perf_counter() - start
     final = weight_matching(spec, {k: v.detach() for k, v in soft.items()}, state_b, init=project.perms, seed=seed)
     # Like the reference implementation, never return a merge worse on the surrogate than where STE started.
-    start_loss, final_loss = (
-        merge_loss(model, params_a, buffers_a, apply_permutation(spec, p, state_b), lam, surrogate.to(device), config.batch_size)
-        for p in (perms, final)
-    )
+    aligned_start, aligned_final = (apply_permutation(spec, p, state_b) for p in (perms, final))
+    start_loss, final_loss = (merge_loss(model, params_a, buffers_a, b, lam, data, config.batch_size) for b in (aligned_start, aligned_final))
     kept_start = final_loss > start_loss
     if kept_start:
         log.info("STE ended worse on the surrogate (%.4f) than weight matching (%.4f): keeping weight matching", final_loss, start_loss)
-        final = perms
-    merged = interpolate_states(state_a, apply_permutation(spec, final, state_b), lam)
+        final, aligned_final = perms, aligned_start
+    merged = interpolate_states(state_a, aligned_final, lam)
     return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds, kept_start)
 
 

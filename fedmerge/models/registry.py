@@ -1,7 +1,10 @@
-"""Build any model of the library by name."""
+"""Build any model of the library by name, or a freshly initialised copy of a given one."""
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from fedmerge.models.cnn import SmallCNN
@@ -46,3 +49,16 @@ def build_model(
     if key == "resnet20":
         return ResNet20(in_shape, num_classes, width=multiplier, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def reinitialized_copy(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """A copy of ``model`` with every submodule that has ``reset_parameters`` (Linear, Conv, BatchNorm, ...)
+    re-initialised, under ``seed`` when given; parameters registered without one keep ``model``'s values."""
+    fresh = copy.deepcopy(model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in fresh.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return fresh

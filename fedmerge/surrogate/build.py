@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedmerge.data.images import LabeledImages
+from fedmerge.models.registry import reinitialized_copy
 from fedmerge.surrogate.condense import CondenseConfig, condense_gradient_matching
 from fedmerge.surrogate.coreset import herding_coreset, kcenter_coreset, random_coreset
 from fedmerge.train import batches
@@ -111,11 +112,6 @@ def fresh_model_factory(model: nn.Module) -> Callable[[], nn.Module]:
     template = copy.deepcopy(model).cpu()
 
     def make() -> nn.Module:
-        fresh = copy.deepcopy(template)
-        for module in fresh.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-        return fresh.train()
+        return reinitialized_copy(template).train()
 
     return make
