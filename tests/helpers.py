@@ -52,3 +52,16 @@ def randomized_model(name: str, in_shape, width, kwargs, seed: int = 0, spread_s
                     module.running_mean.add_(torch.randn_like(module.running_mean) * 0.2)
                     module.running_var.mul_(torch.empty_like(module.running_var).uniform_(0.5, 2.0))
     return model.eval()
+
+
+def flower_message(message_type: str = "train", dst_node_id: int = 1, content=None):
+    """A Flower ``Message`` as the server would send it, built outside a running Flower app (for unit tests)."""
+    import time
+
+    from flwr.app import Message, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=dst_node_id, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    message: Message = make_message(metadata, content if content is not None else RecordDict())
+    return message

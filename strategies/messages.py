@@ -1,0 +1,145 @@
+"""What a client sends the merging server, and how the server reads it back.
+
+A client's reply to a ``train`` message carries:
+
+- ``"arrays"``: an ArrayRecord of the trained model's ``state_dict``;
+- ``"surrogate"`` (optional): an ArrayRecord with ``"x"`` (images, N x C x H x W float) and ``"y"`` (int64 labels);
+- ``"metrics"``: a MetricRecord with ``"num-examples"`` (the training set size), ``"partition-id"`` and anything
+  else the client wants to report (training accuracy, wall times, ...).
+
+Plain Flower clients that send only weights and ``num-examples`` are read too: they have no surrogate, and
+their partition id falls back to the node id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedmerge.data.images import LabeledImages
+
+ARRAYS_KEY = "arrays"
+SURROGATE_KEY = "surrogate"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+# Keys of the server's train ConfigRecord that clients read.
+WANT_SURROGATE = "want-surrogate"  # bool: the server merges and would like a surrogate
+INIT_FROM_GLOBAL = "init-from-global"  # bool: start local training from the received weights (FedAvg) or not
+SERVER_ROUND = "server-round"
+
+State = dict[str, torch.Tensor]
+MetricValue = int | float | list[int] | list[float]
+
+
+class InvalidReply(ValueError):
+    """A client reply the server cannot use (the message says why)."""
+
+
+@dataclass
+class ClientUpdate:
+    """One client's contribution, read from its reply."""
+
+    partition_id: int
+    node_id: int
+    state: State
+    num_examples: int
+    surrogate: LabeledImages | None = None
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """How logs name this client."""
+        return f"client {self.partition_id} (node {self.node_id})"
+
+
+def train_config(
+    server_round: int, want_surrogate: bool, init_from_global: bool, extra: Mapping[str, int | float | str | bool] | None = None
+) -> ConfigRecord:
+    """The ConfigRecord a merging server sends with its ``train`` messages."""
+    config = ConfigRecord(dict(extra or {}))
+    config[SERVER_ROUND] = server_round
+    config[WANT_SURROGATE] = want_surrogate
+    config[INIT_FROM_GLOBAL] = init_from_global
+    return config
+
+
+def surrogate_record(surrogate: LabeledImages) -> ArrayRecord:
+    """Encode a surrogate set as an ArrayRecord (``x`` images, ``y`` labels)."""
+    return ArrayRecord({"x": surrogate.x.detach().cpu().float().contiguous(), "y": surrogate.y.detach().cpu().long().contiguous()})
+
+
+def read_surrogate(record: ArrayRecord, num_classes: int, name: str = "surrogate") -> LabeledImages:
+    """Decode :func:`surrogate_record`'s ArrayRecord; raises InvalidReply when it is malformed."""
+    missing = {"x", "y"} - set(record.keys())
+    if missing:
+        raise InvalidReply(f"surrogate record lacks {sorted(missing)}")
+    x, y = record["x"].numpy(), record["y"].numpy()
+    try:
+        return LabeledImages(torch.as_tensor(x).float(), torch.as_tensor(y).long(), num_classes, name)
+    except ValueError as err:
+        raise InvalidReply(f"malformed surrogate: {err}") from err
+
+
+def client_reply(
+    message: Message,
+    state: Mapping[str, torch.Tensor],
+    num_examples: int,
+    partition_id: int,
+    surrogate: LabeledImages | None = None,
+    metrics: Mapping[str, MetricValue] | None = None,
+) -> Message:
+    """The reply a client sends to a ``train`` message: weights, optional surrogate, counts and metrics."""
+    content = RecordDict({ARRAYS_KEY: ArrayRecord({k: v.detach().cpu() for k, v in state.items()})})
+    if surrogate is not None:
+        content[SURROGATE_KEY] = surrogate_record(surrogate)
+    metric_record = MetricRecord(dict(metrics or {}))
+    metric_record[NUM_EXAMPLES] = int(num_examples)
+    metric_record[PARTITION_ID] = int(partition_id)
+    content[METRICS_KEY] = metric_record
+    return Message(content=content, reply_to=message)
+
+
+def _only_metric_record(content: RecordDict) -> MetricRecord:
+    records = content.metric_records
+    if METRICS_KEY in records:
+        return records[METRICS_KEY]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    raise InvalidReply(f"expected a MetricRecord named {METRICS_KEY!r}, got {sorted(records.keys()) or 'none'}")
+
+
+def _weights_record(content: RecordDict) -> ArrayRecord:
+    records = {k: v for k, v in content.array_records.items() if k != SURROGATE_KEY}
+    if ARRAYS_KEY in records:
+        return records[ARRAYS_KEY]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    raise InvalidReply(f"expected one weights ArrayRecord named {ARRAYS_KEY!r}, got {sorted(records) or 'none'}")
+
+
+def read_reply(message: Message, num_classes: int) -> ClientUpdate:
+    """Read a client's ``train`` reply; raises InvalidReply (with the reason) for an error reply or bad content."""
+    node_id = message.metadata.src_node_id
+    if message.has_error():
+        raise InvalidReply(f"node {node_id} failed: {message.error.reason}")
+    if not message.has_content():
+        raise InvalidReply(f"node {node_id} sent an empty reply")
+    content = message.content
+    metrics = _only_metric_record(content)
+    if NUM_EXAMPLES not in metrics:
+        raise InvalidReply(f"node {node_id} did not report {NUM_EXAMPLES!r}")
+    num_examples = int(metrics[NUM_EXAMPLES])
+    if num_examples <= 0:
+        raise InvalidReply(f"node {node_id} reported {num_examples} training examples")
+    partition_id = int(metrics.get(PARTITION_ID, node_id))
+    state = {k: torch.from_numpy(a.numpy().copy()) for k, a in _weights_record(content).items()}
+    surrogate = None
+    if SURROGATE_KEY in content.array_records:
+        surrogate = read_surrogate(content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}")
+    extra = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
+    return ClientUpdate(partition_id, node_id, state, num_examples, surrogate, extra)
