@@ -143,3 +143,14 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
         surrogate = read_surrogate(content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}")
     extra = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
     return ClientUpdate(partition_id, node_id, state, num_examples, surrogate, extra)
+
+
+def mean_metrics(updates: list[ClientUpdate]) -> MetricRecord:
+    """Example-weighted means of the clients' scalar metrics, plus their total ``num-examples``."""
+    total = sum(u.num_examples for u in updates)
+    record = MetricRecord({NUM_EXAMPLES: total})
+    names = sorted({k for u in updates for k, v in u.metrics.items() if isinstance(v, (int, float))})
+    for name in names:
+        weighted = [(u.num_examples, float(u.metrics[name])) for u in updates if isinstance(u.metrics.get(name), (int, float))]
+        record[name] = sum(n * v for n, v in weighted) / sum(n for n, _ in weighted)
+    return record

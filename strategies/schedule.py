@@ -1,0 +1,151 @@
+"""N-client merge schedules built from pairwise merges.
+
+- ``tree``: merge clients in pairs (0+1, 2+3, ...), then the pairs' results in pairs, and so on; an odd node out
+  waits for the next level. The merges of one level are independent and may run in parallel.
+- ``all-to-one``: fold every client in turn into one running model (N-1 merges, one after the other).
+
+Each pairwise merge weights model B by ``lambda = n_B / (n_A + n_B)``, where n counts the training examples behind
+each side, so a tree of merges weights every client by its sample count as FedAvg does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fedmerge.data.images import LabeledImages, concat
+from fedmerge.device import derive_seed
+from fedmerge.merge.pairwise import DATA_METHODS, MergeConfig, MergeResult
+from strategies.messages import ClientUpdate
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("tree", "all-to-one")
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    """A client model or a merge of several: weights, the partition ids inside, their example count, and the
+    union of their surrogates (``None`` unless every member sent one)."""
+
+    state: State
+    members: tuple[int, ...]
+    num_examples: int
+    surrogate: LabeledImages | None
+    without_surrogate: tuple[int, ...] = ()
+
+    @classmethod
+    def from_update(cls, update: ClientUpdate) -> MergeNode:
+        missing = () if update.surrogate is not None else (update.partition_id,)
+        return cls(update.state, (update.partition_id,), update.num_examples, update.surrogate, missing)
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """One pairwise merge to run: B is aligned to A and weighted by ``lam``."""
+
+    level: int
+    index: int
+    a: MergeNode
+    b: MergeNode
+    config: MergeConfig
+
+    @property
+    def lam(self) -> float:
+        return self.b.num_examples / (self.a.num_examples + self.b.num_examples)
+
+    @cached_property
+    def surrogate(self) -> LabeledImages | None:
+        """Both sides' surrogate data, or ``None`` when some member of either side sent none."""
+        if self.a.surrogate is None or self.b.surrogate is None:
+            return None
+        return concat([self.a.surrogate, self.b.surrogate], name="surrogate")
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """What one pairwise merge did (for logs and result tables)."""
+
+    level: int
+    index: int
+    members_a: tuple[int, ...]
+    members_b: tuple[int, ...]
+    lam: float
+    method: str
+    seconds: float
+
+
+class MergeRunner(Protocol):
+    """Runs the pairwise merges of one schedule level and returns their results in job order."""
+
+    def run(self, model: nn.Module, jobs: Sequence[PairJob]) -> list[MergeResult]: ...
+
+
+def pair_job(level: int, index: int, a: MergeNode, b: MergeNode, config: MergeConfig) -> PairJob:
+    """The merge of ``a`` and ``b`` with a seed of its own; data-free weight matching when a member sent no surrogate."""
+    config = replace(config, seed=derive_seed(config.seed, "merge", level, index))
+    missing = a.without_surrogate + b.without_surrogate
+    if config.method in DATA_METHODS and missing:
+        log.warning(
+            "client(s) %s sent no surrogate: merging clients %s with %s by data-free weight matching instead of %s",
+            list(missing), list(a.members), list(b.members), config.method,
+        )
+        config = replace(config, method="wm")
+    return PairJob(level, index, a, b, config)
+
+
+def _merged_node(job: PairJob, result: MergeResult) -> MergeNode:
+    return MergeNode(result.state, job.a.members + job.b.members, job.a.num_examples + job.b.num_examples, job.surrogate,
+                     job.a.without_surrogate + job.b.without_surrogate)
+
+
+def _run_level(model: nn.Module, jobs: list[PairJob], runner: MergeRunner, label: str) -> tuple[list[MergeNode], list[MergeStep]]:
+    start = time.perf_counter()
+    log.info("%s: %d merge(s): %s", label, len(jobs), ", ".join(f"{list(j.a.members)}+{list(j.b.members)}" for j in jobs))
+    results = runner.run(model, jobs)
+    log.info("%s done in %.1f s", label, time.perf_counter() - start)
+    nodes = [_merged_node(job, result) for job, result in zip(jobs, results)]
+    steps = [MergeStep(j.level, j.index, j.a.members, j.b.members, j.lam, r.method, r.seconds) for j, r in zip(jobs, results)]
+    return nodes, steps
+
+
+def tree_merge(model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+    """Merge ``nodes`` pairwise, level by level, until one is left."""
+    nodes, steps = list(nodes), []
+    levels = max(1, (len(nodes) - 1).bit_length())
+    level = 1
+    while len(nodes) > 1:
+        jobs = [pair_job(level, i, nodes[2 * i], nodes[2 * i + 1], config) for i in range(len(nodes) // 2)]
+        merged, level_steps = _run_level(model, jobs, runner, f"merge level {level}/{levels}")
+        nodes = merged + ([nodes[-1]] if len(nodes) % 2 else [])
+        steps += level_steps
+        level += 1
+    return nodes[0], steps
+
+
+def all_to_one_merge(model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+    """Fold every node in turn into one running model."""
+    running, steps = nodes[0], []
+    for k, node in enumerate(nodes[1:], start=1):
+        merged, level_steps = _run_level(model, [pair_job(k, 0, running, node, config)], runner, f"merge {k}/{len(nodes) - 1}")
+        running = merged[0]
+        steps += level_steps
+    return running, steps
+
+
+def run_schedule(schedule: str, model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+    """Merge ``nodes`` (sorted by partition id) into one with the named schedule."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
+    if not nodes:
+        raise ValueError("nothing to merge: no client models")
+    merge = tree_merge if schedule == "tree" else all_to_one_merge
+    return merge(model, nodes, config, runner)
