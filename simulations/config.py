@@ -1,0 +1,164 @@
+"""The Flower run config (``[tool.flwr.app.config]``, keys with dashes) as typed settings for both apps.
+
+``DEFAULT_RUN_CONFIG`` is what ``pyproject.toml`` declares; :func:`settings_from_run_config` checks a run config
+(missing keys take these defaults, unknown keys, wrong types and bad values are errors naming the key) and returns
+:class:`RunSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedmerge.federation import SPLITS, FederationSpec
+from fedmerge.merge import CORRECTIONS, METHODS, MergeConfig, NPConfig, STEConfig
+from fedmerge.models import MODEL_NAMES
+from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
+from fedmerge.train import TrainConfig
+
+STRATEGIES: tuple[str, ...] = ("merge", "fedavg")
+"""Server strategies: merge the clients' models pairwise, or Flower's FedAvg."""
+SCHEDULES: tuple[str, ...] = ("tree", "all-to-one")
+"""Merge orders: pairs level by level (a binary tree), or each client into the running merge in turn."""
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+ConfigValue = bool | int | float | str
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One run-config key: its default, the Python type it must have, and its allowed values."""
+
+    default: ConfigValue
+    kind: type
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    exclusive: bool = False  # the minimum itself is not allowed
+
+    def check(self, key: str, value: object) -> ConfigValue:
+        """``value`` if it is valid for this key (ints accepted for float keys); ValueError naming ``key``."""
+        allowed = (int, float) if self.kind is float else (self.kind,)
+        if isinstance(value, bool) is not (self.kind is bool) or not isinstance(value, allowed):
+            raise ValueError(f"run config {key!r} must be {_TYPE_NAMES[self.kind]}, got {value!r} ({type(value).__name__})")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"run config {key!r} must be one of {', '.join(self.choices)}, got {value!r}")
+        if self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum):
+            bound = f"> {self.minimum}" if self.exclusive else f">= {self.minimum}"
+            raise ValueError(f"run config {key!r} must be {bound}, got {value!r}")
+        return float(value) if self.kind is float else value
+
+
+_KEYS: dict[str, _Key] = {
+    # data and its split among clients
+    "dataset": _Key("digits", str),
+    "split": _Key("disjoint", str, SPLITS),
+    "alpha": _Key(0.5, float, minimum=0, exclusive=True),
+    "min-size": _Key(10, int, minimum=0),
+    "data-root": _Key("", str),
+    # model and local training
+    "model": _Key("mlp", str, MODEL_NAMES),
+    "width": _Key(0, float, minimum=0),
+    "epochs": _Key(20, int, minimum=0),
+    "lr": _Key(0.05, float, minimum=0, exclusive=True),
+    "batch-size": _Key(64, int, minimum=1),
+    "optimizer": _Key("sgd", str, OPTIMIZERS),
+    "surrogate": _Key("random", str, SURROGATE_KINDS),
+    "per-class": _Key(10, int, minimum=1),
+    # server
+    "strategy": _Key("merge", str, STRATEGIES),
+    "method": _Key("ste", str, METHODS),
+    "schedule": _Key("tree", str, SCHEDULES),
+    "correction": _Key("auto", str, CORRECTIONS),
+    "ste-steps": _Key(200, int, minimum=0),
+    "np-steps": _Key(200, int, minimum=0),
+    "num-rounds": _Key(1, int, minimum=1),
+    "merge-workers": _Key(2, int, minimum=0),
+    "same-init": _Key(False, bool),
+    "seed": _Key(0, int),
+    "results-dir": _Key("results/runs", str),
+}
+
+DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {key: spec.default for key, spec in _KEYS.items()}
+"""The run config's keys and defaults, as ``[tool.flwr.app.config]`` in ``pyproject.toml`` declares them."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Typed settings of one Flower run, shared by the ClientApp and the ServerApp.
+
+    ``width`` None means the model's default; ``merge_workers`` is the number of Ray tasks per merge-tree level
+    (0: merge in the server process); ``clients_start_from_global``: clients train from the server's weights
+    rather than from their own initialisation.
+    """
+
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    model: str = "mlp"
+    width: float | None = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05, batch_size=64))
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    strategy: str = "merge"
+    method: str = "ste"
+    schedule: str = "tree"
+    correction: str = "auto"
+    ste_steps: int = 200
+    np_steps: int = 200
+    num_rounds: int = 1
+    merge_workers: int = 2
+    clients_start_from_global: bool = False
+    seed: int = 0
+    results_dir: str = "results/runs"
+
+    def merge_config(self) -> MergeConfig:
+        """The pairwise merge the server runs."""
+        return MergeConfig(
+            method=self.method, correction=self.correction, ste=STEConfig(steps=self.ste_steps),
+            np=NPConfig(steps=self.np_steps), seed=self.seed,
+        )
+
+
+def _checked(run_config: Mapping[str, object]) -> dict[str, ConfigValue]:
+    """Every key's value (defaults filled in), each checked; ValueError for unknown keys or bad values."""
+    unknown = sorted(set(run_config) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"unknown run config keys {unknown}; valid keys: {', '.join(_KEYS)}")
+    return {key: spec.check(key, run_config.get(key, spec.default)) for key, spec in _KEYS.items()}
+
+
+def _federation(values: Mapping[str, ConfigValue], num_clients: int) -> FederationSpec:
+    try:
+        return FederationSpec(
+            dataset=str(values["dataset"]), split=str(values["split"]), num_clients=num_clients,
+            alpha=float(values["alpha"]), min_size=int(values["min-size"]), seed=int(values["seed"]),
+            data_root=str(values["data-root"]) or None,
+        )
+    except ValueError as err:
+        raise ValueError(f"run config 'dataset' / 'split' with {num_clients} clients: {err}") from err
+
+
+def settings_from_run_config(run_config: Mapping[str, object], num_clients: int) -> RunSettings:
+    """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
+    values = _checked(run_config)
+    if values["model"] == "mlp" and values["width"] != int(values["width"]):
+        raise ValueError(f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}")
+    return RunSettings(
+        federation=_federation(values, num_clients),
+        model=str(values["model"]),
+        width=float(values["width"]) or None,
+        train=TrainConfig(
+            epochs=int(values["epochs"]), lr=float(values["lr"]), batch_size=int(values["batch-size"]),
+            optimizer=str(values["optimizer"]),
+        ),
+        surrogate=SurrogateConfig(kind=str(values["surrogate"]), per_class=int(values["per-class"])),
+        strategy=str(values["strategy"]),
+        method=str(values["method"]),
+        schedule=str(values["schedule"]),
+        correction=str(values["correction"]),
+        ste_steps=int(values["ste-steps"]),
+        np_steps=int(values["np-steps"]),
+        num_rounds=int(values["num-rounds"]),
+        merge_workers=int(values["merge-workers"]),
+        clients_start_from_global=bool(values["same-init"]),
+        seed=int(values["seed"]),
+        results_dir=str(values["results-dir"]),
+    )
