@@ -15,11 +15,10 @@ from fedmerge.merge import CORRECTIONS, METHODS, MergeConfig, NPConfig, STEConfi
 from fedmerge.models import MODEL_NAMES
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
 from fedmerge.train import TrainConfig
+from strategies.schedule import SCHEDULES
 
 STRATEGIES: tuple[str, ...] = ("merge", "fedavg")
 """Server strategies: merge the clients' models pairwise, or Flower's FedAvg."""
-SCHEDULES: tuple[str, ...] = ("tree", "all-to-one")
-"""Merge orders: pairs level by level (a binary tree), or each client into the running merge in turn."""
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 ConfigValue = bool | int | float | str
