@@ -113,7 +113,6 @@ def train(msg: Message, context: Context) -> Message:
         surrogate, surrogate_seconds = make_surrogate(model, data, settings, partition_id, server_round, device)
     state = model.state_dict()
     metrics = {
-        "num-partitions": num_partitions,
         "train-accuracy": evaluate(model, data, device=device),
         "train-seconds": train_seconds,
         "surrogate-seconds": surrogate_seconds,

@@ -24,6 +24,7 @@ from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.models import build_model
 from fedmerge.surrogate import CondenseConfig, SurrogateConfig, build_surrogate
 from fedmerge.train import TrainConfig
+from simulations.results_io import save_rows
 from simulations.versions import package_versions
 
 PAIRS = {
@@ -127,16 +128,6 @@ def run_pair(pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespa
         rows.append({"pair": pair, "seed": seed, **row, "train_seconds": round(sum(c.seconds for c in clients), 1),
                      "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1), **run_config(args)})
     return rows
-
-
-def save_rows(csv_path: Path, rows: list[dict]) -> None:
-    """Add ``rows`` to the CSV, matching columns by name, via a temporary file and an atomic rename."""
-    if not rows:
-        return
-    old = pd.read_csv(csv_path) if csv_path.exists() and csv_path.stat().st_size > 0 else pd.DataFrame()
-    tmp = csv_path.with_suffix(".csv.tmp")
-    pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
-    tmp.replace(csv_path)
 
 
 def finished_rows(csv_path: Path, config: dict) -> pd.DataFrame:

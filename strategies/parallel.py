@@ -38,10 +38,12 @@ def _ray_merge(model: nn.Module, job: PairJob, threads: int) -> MergeResult:
 
 
 class RayRunner:
-    """Runs a level's independent merges as parallel Ray tasks, ``workers`` at a time.
+    """Runs a level's independent merges as parallel Ray tasks, at most ``workers`` at a time.
 
-    Joins the Ray instance of this process when there is one, else starts a local one with ``workers`` CPUs (and the
-    visible GPUs, shared between the workers).
+    Joins the Ray instance of this process when there is one (in a Flower simulation, the one running the clients),
+    else starts a local one with ``workers`` CPUs and the visible GPUs. Tasks reserve a CPU (and a share of a GPU)
+    when the instance has them free; when Flower's client actors hold every CPU, the tasks reserve none and this
+    runner alone bounds how many run at once, so a merge never waits forever for resources.
     """
 
     def __init__(self, workers: int = 2, threads_per_task: int = 1) -> None:
@@ -49,12 +51,6 @@ class RayRunner:
             raise ValueError(f"RayRunner needs at least one worker, got {workers}")
         self.workers = workers
         self.threads_per_task = threads_per_task
-
-    def _gpu_share(self) -> float:
-        import ray
-
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        return min(1.0, gpus / self.workers) if gpus else 0.0
 
     def _ensure_ray(self) -> None:
         import ray
@@ -65,13 +61,36 @@ class RayRunner:
             ray.init(num_cpus=self.workers * self.threads_per_task, num_gpus=gpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False)
 
+    def _resources(self) -> dict[str, float]:
+        """What each task reserves: a CPU and a GPU share when that many are free, else nothing of that kind."""
+        import ray
+
+        free = ray.available_resources()
+        cpus = float(self.threads_per_task) if free.get("CPU", 0.0) >= self.threads_per_task * self.workers else 0.0
+        gpu_share = min(1.0, ray.cluster_resources().get("GPU", 0.0) / self.workers)
+        gpus = gpu_share if gpu_share and free.get("GPU", 0.0) >= gpu_share * self.workers else 0.0
+        if not cpus:
+            log.info("Ray has no %d free CPUs (client actors hold them): merge tasks reserve none, %d run at a time",
+                     self.threads_per_task * self.workers, self.workers)
+        if gpu_share and not gpus:
+            log.warning("Ray's GPUs are all reserved (by client actors?): merging on CPU")
+        return {"num_cpus": cpus, "num_gpus": gpus}
+
     def run(self, model: nn.Module, jobs: Sequence[PairJob]) -> list[MergeResult]:
         import ray
 
         self._ensure_ray()
-        task = ray.remote(_ray_merge).options(num_cpus=self.threads_per_task, num_gpus=self._gpu_share())
+        task = ray.remote(_ray_merge).options(**self._resources())
         model_ref = ray.put(model)
-        return ray.get([task.remote(model_ref, job, self.threads_per_task) for job in jobs])
+        pending: list = []
+        refs = []
+        for job in jobs:  # keep at most ``workers`` tasks in flight
+            if len(pending) >= self.workers:
+                _, pending = ray.wait(pending, num_returns=1)
+            ref = task.remote(model_ref, job, self.threads_per_task)
+            pending.append(ref)
+            refs.append(ref)
+        return ray.get(refs)
 
 
 def make_runner(workers: int) -> SequentialRunner | RayRunner:

@@ -7,6 +7,7 @@ import pytest
 
 from fedmerge import demo
 from simulations import ste_speed, table2
+from simulations.results_io import save_rows
 from tests.helpers import SHARED, needs_shared
 
 
@@ -95,8 +96,8 @@ def test_table2_runs_on_real_data_and_resumes_without_redoing_rows(tmp_path, mon
 
 def test_table2_rows_are_saved_by_column_name_whatever_their_order(tmp_path):
     path = tmp_path / "rows.csv"
-    table2.save_rows(path, [{"pair": "p", "seed": 0, "acc_mixed": 50.0}])
-    table2.save_rows(path, [{"acc_mixed": 60.0, "seed": 1, "pair": "p", "extra": "x"}])
+    save_rows(path, [{"pair": "p", "seed": 0, "acc_mixed": 50.0}])
+    save_rows(path, [{"acc_mixed": 60.0, "seed": 1, "pair": "p", "extra": "x"}])
     frame = pd.read_csv(path)
     assert list(frame["seed"]) == [0, 1] and list(frame["acc_mixed"]) == [50.0, 60.0]
     assert frame["extra"].isna().tolist() == [True, False]
