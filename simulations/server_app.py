@@ -144,13 +144,15 @@ def print_scores(table: dict[str, dict[str, float]], title: str) -> None:
     columns = list(next(iter(table.values())).keys())
     if len(columns) > 10:  # many clients: keep the global and mean columns
         columns = [c for c in columns if not c.startswith("client") or c == "clients-mean"]
-    view = Table(title=title)
+    view = Table()
     view.add_column("model")
     for column in columns:
         view.add_column(column.replace("client", "client ") if column != "clients-mean" else "mean over clients", justify="right")
     for model, accuracies in table.items():
         view.add_row(model, *(f"{accuracies[c]:.1f}" for c in columns))
-    Console(width=160).print(view)
+    console = Console(width=160)
+    console.print(title)
+    console.print(view)
 
 
 def save_outputs(settings: RunSettings, run_config: dict, row: dict, outcome: RunOutcome) -> tuple[Path, Path]:

@@ -72,6 +72,18 @@ def test_reply_round_trip_keeps_weights_surrogate_counts_and_metrics():
     assert update.metrics == {"train-accuracy": 53.0}
 
 
+def test_plain_flower_reply_with_weights_only_is_read_with_the_node_id_as_partition():
+    """What Flower's own PyTorch template clients send: one ArrayRecord and a MetricRecord with num-examples."""
+    from flwr.app import MetricRecord
+
+    state = small_mlp(1).state_dict()
+    content = RecordDict({"model": ArrayRecord(state), "train_metrics": MetricRecord({"num-examples": 64, "train_loss": 0.3})})
+    update = read_reply(Message(content, reply_to=flower_message("train", dst_node_id=42)), NUM_CLASSES)
+    assert (update.partition_id, update.node_id, update.num_examples, update.surrogate) == (42, 42, 64, None)
+    assert_states_equal(update.state, state)
+    assert update.metrics == {"train_loss": pytest.approx(0.3)}
+
+
 def test_train_config_carries_the_server_requests():
     config = train_config(2, want_surrogate=True, init_from_global=False, extra={"lr": 0.1})
     assert dict(config) == {"lr": 0.1, "server-round": 2, "want-surrogate": True, "init-from-global": False}
