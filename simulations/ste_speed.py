@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from rich.console import Console
-
 from torch import nn
 
 from fedmerge.data import LabeledImages, concat, disjoint_label_partition, load_dataset
