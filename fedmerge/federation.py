@@ -80,7 +80,7 @@ def _datasets(names: tuple[str, ...], train: bool, root: str | None) -> tuple[La
     """The named datasets (one split), checked to share image shape and classes; cached, never handed out."""
     if len(names) == 1:
         return (load_dataset(names[0], train=train, root=root, copy=False),)
-    return tuple(domain_split(list(names), train=train, root=root))
+    return tuple(domain_split(list(names), train=train, root=root, copy=False))
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,14 +6,16 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
 from rich.progress import track
 
 T = TypeVar("T")
 
 
 def progress_enabled() -> bool:
-    """Whether progress bars are shown (set ``FEDMERGE_PROGRESS=0`` to silence them)."""
-    return os.environ.get("FEDMERGE_PROGRESS", "1") != "0"
+    """Whether progress bars are shown: on a terminal, unless ``FEDMERGE_PROGRESS=0`` (Flower's client actors and
+    Ray tasks write to logs, where a bar is noise)."""
+    return os.environ.get("FEDMERGE_PROGRESS", "1") != "0" and Console().is_terminal
 
 
 def progress(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:

@@ -49,8 +49,18 @@ def stop_superlinks(flwr_home: Path) -> None:
             time.sleep(0.5)
 
 
+def flwr_run(run_config: str, cwd: Path, env: dict) -> str:
+    """Run ``flwr run`` on this project with two simulated clients; return its output (it exits 0 even on failure)."""
+    command = [str(FLWR), "run", str(REPO), "--stream", "--run-config", run_config,
+               "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    finished = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-4000:]
+    return output
+
+
 @pytest.mark.skipif(not FLWR.exists(), reason=f"the flwr CLI is not installed next to {sys.executable}")
-def test_flwr_run_merges_two_clients_and_writes_results(tmp_path):
+def test_flwr_run_merges_two_clients_writes_results_and_repeats_exactly(tmp_path):
     flwr_home, results = tmp_path / "flwr-home", tmp_path / "runs"
     env = os.environ | {
         "FLWR_HOME": str(flwr_home),
@@ -59,24 +69,25 @@ def test_flwr_run_merges_two_clients_and_writes_results(tmp_path):
         "FEDMERGE_PROGRESS": "0",
         "OMP_NUM_THREADS": "1",
     }
-    run_config = f'results-dir="{results}" epochs=5 ste-steps=30 merge-workers=2'
-    command = [str(FLWR), "run", str(REPO), "--stream", "--run-config", run_config,
-               "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    run_config = f'results-dir="{results}" epochs=5 ste-steps=30 merge-workers=2 seed=3'
     try:
-        finished = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        outputs = [flwr_run(run_config, tmp_path, env) for _ in range(2)]
     finally:
         stop_superlinks(flwr_home)
-    output = finished.stdout + finished.stderr
-    assert finished.returncode == 0, output[-4000:]
     runs = results / "runs.csv"
-    assert runs.exists(), f"the run did not finish: no {runs}\n{output[-4000:]}"
-    row = pd.read_csv(runs).iloc[-1]
+    assert runs.exists(), f"the run did not finish: no {runs}\n{outputs[-1][-4000:]}"
+    rows = pd.read_csv(runs)
+    assert len(rows) == 2, f"a run did not finish:\n{outputs[-1][-4000:]}"
+    row = rows.iloc[0]
     assert (row["num-clients"], row["clients-merged"], row["clients-left-out"]) == (2, 2, 0)
     assert row["cfg_method"] == "ste" and row["cfg_epochs"] == 5
     # Disjoint halves of digits: each client knows only its own five classes, the merge must know more.
     assert row["acc_client0_global"] < 55 and row["acc_client1_global"] < 55
     assert row["acc_merged_global"] > max(row["acc_client0_global"], row["acc_client1_global"])
-    saved = torch.load(row["model-file"], weights_only=False)
-    assert saved["run_config"]["method"] == "ste" and "head.weight" in saved["state_dict"]
-    assert "merged" in output and "results row appended" in output
+    assert "merged" in outputs[0] and "results row appended" in outputs[0]
+    # The same seed gives the same merged weights, although node ids (and reply order) change between runs.
+    first, second = (torch.load(path, weights_only=False) for path in rows["model-file"])
+    assert first["run_config"]["method"] == "ste" and "head.weight" in first["state_dict"]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    assert all(torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in first["state_dict"])
     assert not superlink_pids(flwr_home)

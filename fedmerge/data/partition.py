@@ -150,12 +150,13 @@ def make_partition(
     raise ValueError(f"unknown partition kind {kind!r}; valid kinds: {', '.join(PARTITION_KINDS)}")
 
 
-def domain_split(names: list[str], train: bool = True, root: str | Path | None = None) -> list[LabeledImages]:
+def domain_split(names: list[str], train: bool = True, root: str | Path | None = None, copy: bool = True) -> list[LabeledImages]:
     """Client k gets the whole dataset ``names[k]`` (e.g. ``["mnist", "rmnist-90"]``); label ids are shared, so all
-    datasets must have the same image shape and number of classes."""
+    datasets must have the same image shape and number of classes. ``copy=False`` hands out the loader's cached
+    tensors (do not modify them)."""
     if not names:
         raise ValueError("domain_split needs at least one dataset name")
-    datasets = [load_dataset(name, train=train, root=root) for name in names]
+    datasets = [load_dataset(name, train=train, root=root, copy=copy) for name in names]
     shapes = {d.name: d.image_shape for d in datasets}
     if len(set(shapes.values())) != 1:
         detail = ", ".join(f"{n}: {s}" for n, s in shapes.items())
