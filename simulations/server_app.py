@@ -159,7 +159,8 @@ def save_outputs(settings: RunSettings, run_config: dict, row: dict, outcome: Ru
     """Append the results row to ``<results-dir>/runs.csv`` and save the merged model next to it."""
     folder = Path(settings.results_dir).expanduser().resolve()
     stamp = row["finished"].replace(":", "").replace("+0000", "")
-    model_path = folder / "models" / f"{stamp}-{settings.strategy}-{settings.method}-{row['run-id']}.pt"
+    label = "fedavg" if settings.strategy == "fedavg" else f"{settings.method}-{settings.schedule}"
+    model_path = folder / "models" / f"{stamp}-{label}-{row['run-id']}.pt"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": outcome.model.state_dict(), "model": settings.model, "width": settings.width,
                 "run_config": run_config, "results": row}, model_path)

@@ -1,0 +1,63 @@
+"""The ServerApp's pieces in-process: strategy choice, scoring, the results row and the saved files."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from simulations.config import DEFAULT_RUN_CONFIG, settings_from_run_config
+from simulations.server_app import RunOutcome, make_strategy, results_row, save_outputs, score_models, template_model
+from strategies import PermutationMerge, RayRunner, SequentialRunner, SortedFedAvg
+from strategies.messages import ClientUpdate
+
+
+def settings(**overrides):
+    return settings_from_run_config(overrides, num_clients=2)
+
+
+def test_make_strategy_follows_the_run_config():
+    merge = make_strategy(settings(method="wm", schedule="all-to-one", **{"merge-workers": 0}), template_model(settings()), 2)
+    assert isinstance(merge, PermutationMerge) and isinstance(merge.runner, SequentialRunner)
+    assert (merge.merge.method, merge.schedule, merge.min_available_nodes, merge.num_classes) == ("wm", "all-to-one", 2, 10)
+    assert isinstance(make_strategy(settings(), template_model(settings()), 2).runner, RayRunner)
+    assert isinstance(make_strategy(settings(strategy="fedavg"), template_model(settings()), 2), SortedFedAvg)
+
+
+def test_template_model_is_seeded_by_the_run_seed():
+    a, b, c = template_model(settings(seed=1)), template_model(settings(seed=1)), template_model(settings(seed=2))
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+
+
+@pytest.fixture
+def outcome() -> RunOutcome:
+    run = settings(width=32)
+    clients = [template_model(settings(width=32, seed=s)) for s in (10, 11)]
+    updates = [ClientUpdate(k, 100 + k, m.state_dict(), 50 * (k + 1), None, {"train-seconds": 2.0 * (k + 1)}) for k, m in enumerate(clients)]
+    return RunOutcome(template_model(run), updates, [("node 9", "failed")], 1.5)
+
+
+def test_scores_and_results_row_cover_every_model_and_client(outcome):
+    table = score_models(settings(width=32), outcome)
+    assert list(table) == ["merged", "client0", "client1", "ensemble"]
+    assert list(table["merged"]) == ["global", "client0", "client1", "clients-mean"]
+    assert all(0.0 <= acc <= 100.0 for accs in table.values() for acc in accs.values())
+    row = results_row(DEFAULT_RUN_CONFIG | {"width": 32}, 7, 3, outcome, table, 12.0)
+    assert (row["run-id"], row["num-clients"], row["clients-merged"], row["clients-left-out"]) == (7, 3, 2, 1)
+    assert row["left-out"] == "node 9: failed" and row["cfg_width"] == 32 and row["cfg_method"] == "ste"
+    assert row["acc_ensemble_clients-mean"] == round(table["ensemble"]["clients-mean"], 2)
+    assert row["client-mean_train-seconds"] == 3.0 and row["merge-seconds"] == 1.5
+    assert "version_torch" in row and "version_flwr" in row
+
+
+def test_save_outputs_appends_rows_and_saves_each_model(outcome, tmp_path):
+    run = settings(width=32, **{"results-dir": str(tmp_path / "out")})
+    table = score_models(run, outcome)
+    for run_id in (1, 2):
+        row = results_row(DEFAULT_RUN_CONFIG, run_id, 2, outcome, table, 1.0)
+        csv_path, model_path = save_outputs(run, DEFAULT_RUN_CONFIG, row, outcome)
+        assert model_path.exists() and model_path.parent == tmp_path / "out" / "models"
+    rows = pd.read_csv(csv_path)
+    assert list(rows["run-id"]) == [1, 2] and rows["model-file"].nunique() == 2
+    saved = torch.load(rows["model-file"].iloc[0], weights_only=False)
+    assert torch.equal(saved["state_dict"]["head.weight"], outcome.model.state_dict()["head.weight"])
