@@ -100,8 +100,7 @@ def run_federation(grid: Grid, settings: RunSettings, num_clients: int) -> RunOu
         reasons = "; ".join(f"{who}: {why}" for who, why in strategy.left_out) or "no replies"
         raise RuntimeError(f"no client update could be used in the last round ({reasons})")
     model = load_state(template, result.arrays.to_torch_state_dict())
-    merge_seconds = getattr(strategy, "merge_seconds", 0.0)
-    return RunOutcome(model, strategy.client_updates, strategy.left_out, merge_seconds)
+    return RunOutcome(model, strategy.client_updates, strategy.left_out, strategy.merge_seconds)
 
 
 def client_models(template: nn.Module, updates: list[ClientUpdate]) -> dict[str, nn.Module]:

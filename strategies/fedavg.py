@@ -1,8 +1,9 @@
-"""FedAvg as the comparison baseline, reading replies the way the merging strategy does."""
+"""FedAvg as the comparison baseline, and the reply handling every strategy here shares."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -11,10 +12,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.merge.interpolate import weighted_average
-from strategies.messages import WANT_SURROGATE, ClientUpdate, mean_metrics
+from strategies.messages import (
+    INIT_FROM_GLOBAL,
+    WANT_SURROGATE,
+    ClientUpdate,
+    mean_metrics,
+)
 from strategies.validation import accept_replies
 
 log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
 
 
 class SortedFedAvg(FedAvg):
@@ -22,8 +30,15 @@ class SortedFedAvg(FedAvg):
 
     Unlike Flower's ``FedAvg`` it sums the replies in partition-id order (so a seed gives the same weights on every
     run), leaves out failed, mis-shaped or non-finite replies with a logged reason instead of stopping, and accepts
-    replies that also carry a surrogate. Clients are told not to send one.
+    replies that also carry a surrogate. Clients are told to train from the global weights and not to send a
+    surrogate. Subclasses change how the usable updates are combined (:meth:`combine`).
+
+    After a round, ``client_updates``, ``left_out`` (client, reason) and ``merge_seconds`` (time spent combining)
+    describe what happened.
     """
+
+    want_surrogate = False
+    clients_start_from_global = True
 
     def __init__(self, num_classes: int, fraction_train: float = 1.0, fraction_evaluate: float = 0.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2) -> None:
@@ -32,24 +47,35 @@ class SortedFedAvg(FedAvg):
         self.num_classes = num_classes
         self.client_updates: list[ClientUpdate] = []
         self.left_out: list[tuple[str, str]] = []
-        self._reference: dict[str, torch.Tensor] = {}
+        self.merge_seconds = 0.0
+        self._reference: State = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the global weights, saying whether to train from them and whether to send a surrogate."""
         self._reference = arrays.to_torch_state_dict()
-        config[WANT_SURROGATE] = False
+        config[WANT_SURROGATE] = self.want_surrogate
+        config[INIT_FROM_GLOBAL] = self.clients_start_from_global
         return super().configure_train(server_round, arrays, config, grid)
 
+    def combine(self, updates: list[ClientUpdate]) -> State:
+        """The new global weights from the usable updates (sorted by partition id): their example-weighted mean."""
+        return weighted_average([u.state for u in updates], [float(u.num_examples) for u in updates])
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Example-weighted average of the usable replies; ``(None, None)`` when none is usable."""
+        """Combine the usable replies; ``(None, None)`` (the global model stays) when none is usable."""
         updates, self.left_out = accept_replies(replies, self._reference, self.num_classes)
         self.client_updates = updates
         if not updates:
             log.error("round %d: no usable client update (%d left out): the global model stays as it was",
                       server_round, len(self.left_out))
             return None, None
-        state = weighted_average([u.state for u in updates], [float(u.num_examples) for u in updates])
-        log.info("round %d: averaged %d client(s) (%d left out)", server_round, len(updates), len(self.left_out))
+        start = time.perf_counter()
+        state = self.combine(updates)
+        self.merge_seconds = time.perf_counter() - start
+        log.info("round %d: combined %d client(s) %s in %.1f s (%d left out)", server_round, len(updates),
+                 [u.partition_id for u in updates], self.merge_seconds, len(self.left_out))
         metrics = mean_metrics(updates)
+        metrics["merge-seconds"] = self.merge_seconds
         metrics["clients-merged"] = len(updates)
         metrics["clients-left-out"] = len(self.left_out)
         return ArrayRecord(state), metrics
