@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from simulations.config import DEFAULT_RUN_CONFIG, settings_from_run_config
-from simulations.server_app import (
-    RunOutcome,
-    make_strategy,
-    results_row,
-    save_outputs,
-    score_models,
-    template_model,
-)
+from simulations.report import RunOutcome, results_row, save_outputs, score_models
+from simulations.server_app import make_strategy, template_model
 from strategies import PermutationMerge, RayRunner, SequentialRunner, SortedFedAvg
 from strategies.messages import ClientUpdate
 
