@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 
 from fedmerge.data.images import LabeledImages
-from fedmerge.merge import MergeConfig, STEConfig, weighted_average
+from fedmerge.merge import MergeConfig, NPConfig, STEConfig, weighted_average
 from fedmerge.models import build_model
 from strategies import PermutationMerge, SortedFedAvg, client_reply, read_reply
 from strategies.messages import ClientUpdate, train_config
@@ -179,6 +179,18 @@ def test_permutation_merge_is_deterministic_whatever_the_reply_order():
     assert metrics["train-accuracy"] == pytest.approx(sum((50 + k) * (40 + k) for k in range(4)) / 166)
     assert [u.partition_id for u in first.client_updates] == [0, 1, 2, 3]
     assert [s.method for s in first.merge_steps] == ["ste"] * 3
+
+
+@pytest.mark.parametrize("method", ["average", "wm", "am", "ste", "np", "ste+np"])
+def test_every_merge_method_runs_a_three_client_tree(method):
+    config = MergeConfig(method=method, ste=STEConfig(steps=3, batch_size=16), np=NPConfig(steps=3, batch_size=16), seed=0)
+    strategy = PermutationMerge(small_mlp(0), config, runner=SequentialRunner("cpu"))
+    arrays, metrics = strategy.aggregate_train(1, [reply(k, num_examples=20 + k) for k in range(3)])
+    merged = arrays.to_torch_state_dict()
+    assert merged.keys() == small_mlp(0).state_dict().keys()
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    assert [s.method for s in strategy.merge_steps] == [method, method]
+    assert metrics["clients-merged"] == 3
 
 
 def test_permutation_merge_leaves_out_broken_clients_and_reports_them(caplog):
