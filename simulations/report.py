@@ -17,7 +17,7 @@ from fedmerge.federation import client_train_data, label_distribution
 from fedmerge.merge import Ensemble
 from fedmerge.merge.functional import load_state
 from simulations.config import RunSettings
-from simulations.evaluation import scores
+from simulations.evaluation import scores, scoring_data
 from simulations.results_io import save_rows
 from simulations.versions import package_versions
 from strategies.messages import ClientUpdate
@@ -46,7 +46,8 @@ def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[s
     ensemble = Ensemble(list(own.values()), [u.num_examples for u in outcome.updates])
     device = default_device()
     models = {"merged": outcome.model, **own, "ensemble": ensemble}
-    return {name: scores(model, spec, distributions, device) for name, model in models.items()}
+    tests = scoring_data(spec, distributions)
+    return {name: scores(model, tests, device) for name, model in models.items()}
 
 
 def _mean_metric(updates: list[ClientUpdate], name: str) -> float:
