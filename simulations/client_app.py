@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
@@ -25,7 +26,15 @@ from fedmerge.models import build_model, reinitialized_copy
 from fedmerge.surrogate import build_surrogate
 from fedmerge.train import evaluate
 from fedmerge.train import train as train_model
+from simulations.client_cache import (
+    BuiltSurrogate,
+    ClientCache,
+    TrainedClient,
+    model_key,
+    surrogate_key,
+)
 from simulations.config import RunSettings, settings_from_run_config
+from simulations.memory import peak_rss_mb
 from strategies.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -96,29 +105,70 @@ def _received_state(msg: Message) -> dict[str, torch.Tensor]:
     return msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
 
 
+@dataclass
+class ClientWork:
+    """What a client sends back: its trained weights, example count, surrogate (or None) and metrics."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    surrogate: LabeledImages | None
+    metrics: dict[str, float]
+
+
+def _trained_client(settings: RunSettings, data: LabeledImages, partition_id: int, server_round: int,
+                    received: Mapping[str, torch.Tensor] | None, device: torch.device | str) -> tuple[nn.Module, TrainedClient]:
+    model = initial_model(settings, data, partition_id, received)
+    seconds = local_training(model, data, settings, partition_id, server_round, device)
+    return model, TrainedClient(model.state_dict(), seconds, evaluate(model, data, device=device))
+
+
+def client_work(settings: RunSettings, partition_id: int, server_round: int, received: Mapping[str, torch.Tensor] | None,
+                want_surrogate: bool, device: torch.device | str = "cpu") -> ClientWork:
+    """One client's round without Flower: train from ``received`` (None: own initialisation), build the surrogate
+    when wanted, and measure. With ``settings.client_cache`` set, a model or surrogate trained before with the same
+    settings is loaded instead, and its metrics report the seconds it took when it was made (``cached`` = 1)."""
+    data = client_train_data(settings.federation, partition_id)
+    cache = ClientCache(settings.client_cache) if settings.client_cache else None
+    key = model_key(settings, partition_id, server_round, received) if cache else ""
+    trained = cache.load_model(key) if cache else None
+    model, cached = None, trained is not None
+    if trained is None:
+        model, trained = _trained_client(settings, data, partition_id, server_round, received, device)
+        if cache:
+            cache.save_model(key, trained)
+    surrogate = None
+    if want_surrogate and settings.surrogate.kind != "none":
+        surrogate_cache_key = surrogate_key(key, settings.surrogate) if cache else ""
+        built = cache.load_surrogate(surrogate_cache_key) if cache else None
+        cached = cached and built is not None
+        if built is None:
+            model = model or initial_model(settings, data, partition_id, trained.state)
+            built = BuiltSurrogate(*make_surrogate(model, data, settings, partition_id, server_round, device))
+            if cache:
+                cache.save_surrogate(surrogate_cache_key, built)
+        surrogate = built.data
+    metrics = {
+        "train-accuracy": trained.train_accuracy,
+        "train-seconds": trained.train_seconds,
+        "surrogate-seconds": built.seconds if surrogate is not None else 0.0,
+        "weights-bytes": tensor_bytes(trained.state.values()),
+        "surrogate-bytes": tensor_bytes([surrogate.x, surrogate.y]) if surrogate is not None else 0,
+        "cached": int(cached),
+        "peak-rss-mb": peak_rss_mb(),
+    }
+    log.info("client %d, round %d: %d examples, train accuracy %.1f%% in %.1f s%s, surrogate %s", partition_id,
+             server_round, len(data), trained.train_accuracy, trained.train_seconds, " (cached)" if cached else "",
+             f"{len(surrogate)} images" if surrogate is not None else "none")
+    return ClientWork(trained.state, len(data), surrogate, metrics)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Handle a ``train`` message: local training, optional surrogate, reply with weights, counts and timings."""
     partition_id, num_partitions = node_partition(context.node_config)
     settings = settings_from_run_config(context.run_config, num_partitions)
     config = _server_config(msg)
-    server_round = int(config.get(SERVER_ROUND, 1))
-    data = client_train_data(settings.federation, partition_id)
     received = _received_state(msg) if bool(config.get(INIT_FROM_GLOBAL, True)) else None
-    model = initial_model(settings, data, partition_id, received)
-    device = default_device()
-    train_seconds = local_training(model, data, settings, partition_id, server_round, device)
-    surrogate, surrogate_seconds = None, 0.0
-    if bool(config.get(WANT_SURROGATE, False)) and settings.surrogate.kind != "none":
-        surrogate, surrogate_seconds = make_surrogate(model, data, settings, partition_id, server_round, device)
-    state = model.state_dict()
-    metrics = {
-        "train-accuracy": evaluate(model, data, device=device),
-        "train-seconds": train_seconds,
-        "surrogate-seconds": surrogate_seconds,
-        "weights-bytes": tensor_bytes(state.values()),
-        "surrogate-bytes": tensor_bytes([surrogate.x, surrogate.y]) if surrogate is not None else 0,
-    }
-    log.info("client %d, round %d: %d examples, train accuracy %.1f%% in %.1f s, surrogate %s", partition_id, server_round,
-             len(data), metrics["train-accuracy"], train_seconds, f"{len(surrogate)} images" if surrogate is not None else "none")
-    return client_reply(msg, state, len(data), partition_id, surrogate, metrics)
+    work = client_work(settings, partition_id, int(config.get(SERVER_ROUND, 1)), received,
+                       bool(config.get(WANT_SURROGATE, False)), default_device())
+    return client_reply(msg, work.state, work.num_examples, partition_id, work.surrogate, work.metrics)

@@ -76,6 +76,7 @@ _KEYS: dict[str, _Key] = {
     "same-init": _Key(False, bool),
     "seed": _Key(0, int),
     "results-dir": _Key("results/runs", str),
+    "client-cache": _Key("", str),
 }
 
 DEFAULT_RUN_CONFIG: dict[str, ConfigValue] = {key: spec.default for key, spec in _KEYS.items()}
@@ -88,7 +89,8 @@ class RunSettings:
 
     ``width`` None means the model's default; ``merge_workers`` is the number of Ray tasks per merge-tree level
     (0: merge in the server process); ``clients_start_from_global``: clients train from the server's weights
-    rather than from their own initialisation.
+    rather than from their own initialisation; ``client_cache``: folder of trained client models and surrogates
+    reused across runs ("" for none, see :mod:`simulations.client_cache`).
     """
 
     federation: FederationSpec = field(default_factory=FederationSpec)
@@ -107,6 +109,7 @@ class RunSettings:
     clients_start_from_global: bool = False
     seed: int = 0
     results_dir: str = "results/runs"
+    client_cache: str = ""
 
     def merge_config(self) -> MergeConfig:
         """The pairwise merge the server runs."""
@@ -160,4 +163,5 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         clients_start_from_global=bool(values["same-init"]),
         seed=int(values["seed"]),
         results_dir=str(values["results-dir"]),
+        client_cache=str(values["client-cache"]),
     )

@@ -3,8 +3,11 @@ printed at the end, and the files written under ``results-dir``."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,24 +16,34 @@ from rich.table import Table
 from torch import nn
 
 from fedmerge.device import default_device
+from fedmerge.data.images import concat
+from fedmerge.device import derive_seed
 from fedmerge.federation import client_train_data, label_distribution
-from fedmerge.merge import Ensemble
+from fedmerge.merge import Ensemble, train_from_scratch
 from fedmerge.merge.functional import load_state
 from simulations.config import RunSettings
 from simulations.evaluation import scores, scoring_data
+from simulations.memory import peak_gpu_mb, peak_rss_mb
 from simulations.results_io import save_rows
 from simulations.versions import package_versions
 from strategies.messages import ClientUpdate
 
+log = logging.getLogger(__name__)
+
+SURROGATE_EPOCHS = 50
+"""Epochs of the train-on-surrogates baseline."""
+
 
 @dataclass
 class RunOutcome:
-    """What a finished run produced."""
+    """What a finished run produced: the final model, the last round's client updates and left-out clients, the
+    seconds the last round's merge took, and the global test accuracy (%) after each round."""
 
     model: nn.Module
     updates: list[ClientUpdate]
     left_out: list[tuple[str, str]]
     merge_seconds: float
+    round_accuracies: dict[int, float] = field(default_factory=dict)
 
 
 def client_models(template: nn.Module, updates: list[ClientUpdate]) -> dict[str, nn.Module]:
@@ -38,34 +51,61 @@ def client_models(template: nn.Module, updates: list[ClientUpdate]) -> dict[str,
     return {f"client{u.partition_id}": load_state(template, u.state) for u in updates}
 
 
+def surrogate_trained_model(settings: RunSettings, template: nn.Module, updates: list[ClientUpdate],
+                            device: torch.device | str = "cpu") -> nn.Module | None:
+    """The "train on the surrogates" baseline: a fresh model trained on the union of the clients' surrogates for
+    ``SURROGATE_EPOCHS`` epochs (a surrogate is tiny), otherwise with the clients' training settings (None when no
+    client sent one)."""
+    parts = [u.surrogate for u in updates if u.surrogate is not None]
+    if not parts:
+        return None
+    config = dataclasses.replace(settings.train, epochs=SURROGATE_EPOCHS)
+    return train_from_scratch(template, concat(parts, "surrogate union"), config,
+                              seed=derive_seed(settings.seed, "surrogate-trained"), device=device)
+
+
 def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[str, float]]:
-    """Scores of the merged model, the clients' own models and their example-weighted ensemble."""
+    """Scores of the merged model, the clients' own models, their example-weighted ensemble and, when the clients
+    sent surrogates, a model trained on the surrogates alone."""
     spec = settings.federation
     distributions = {u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates}
     own = client_models(outcome.model, outcome.updates)
     ensemble = Ensemble(list(own.values()), [u.num_examples for u in outcome.updates])
     device = default_device()
     models = {"merged": outcome.model, **own, "ensemble": ensemble}
+    on_surrogates = surrogate_trained_model(settings, outcome.model, outcome.updates, device)
+    if on_surrogates is not None:
+        models["surrogate-trained"] = on_surrogates
     tests = scoring_data(spec, distributions)
     return {name: scores(model, tests, device) for name, model in models.items()}
 
 
-def _mean_metric(updates: list[ClientUpdate], name: str) -> float:
-    values = [float(u.metrics[name]) for u in updates if name in u.metrics]
+def _metric_values(updates: list[ClientUpdate], name: str) -> list[float]:
+    return [float(u.metrics[name]) for u in updates if name in u.metrics]
+
+
+def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
 def results_row(run_config: dict, run_id: int, num_clients: int, outcome: RunOutcome, table: dict[str, dict[str, float]], wall_seconds: float) -> dict:
-    """One CSV row: the run config, who took part, every accuracy, sizes, wall times and package versions."""
+    """One CSV row: the run config, who took part, every accuracy (``acc_<model>_<test set>``, and the global
+    accuracy after each round), bytes each client uploaded, wall times of client training, surrogate building and
+    merging, peak memory, and package versions."""
     row: dict = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run-id": run_id}
     row |= {f"cfg_{k}": v for k, v in run_config.items()}
     row |= {"num-clients": num_clients, "clients-merged": len(outcome.updates), "clients-left-out": len(outcome.left_out),
             "left-out": "; ".join(f"{who}: {why}" for who, why in outcome.left_out)}
     for model, accuracies in table.items():
         row |= {f"acc_{model}_{where}": round(acc, 2) for where, acc in accuracies.items()}
+    row |= {f"acc_round{r}_global": round(acc, 2) for r, acc in sorted(outcome.round_accuracies.items())}
     for name in ("train-seconds", "surrogate-seconds", "weights-bytes", "surrogate-bytes", "train-accuracy"):
-        row[f"client-mean_{name}"] = _mean_metric(outcome.updates, name)
-    row |= {"merge-seconds": round(outcome.merge_seconds, 3), "wall-seconds": round(wall_seconds, 3)}
+        row[f"client-mean_{name}"] = _mean(_metric_values(outcome.updates, name))
+    for name in ("train-seconds", "surrogate-seconds", "peak-rss-mb"):
+        row[f"client-max_{name}"] = max(_metric_values(outcome.updates, name), default=float("nan"))
+    row["clients-cached"] = int(sum(_metric_values(outcome.updates, "cached")))
+    row |= {"merge-seconds": round(outcome.merge_seconds, 3), "wall-seconds": round(wall_seconds, 3),
+            "server-peak-rss-mb": round(peak_rss_mb(), 1), "server-peak-gpu-mb": round(peak_gpu_mb(), 1)}
     return row | {f"version_{k}": v for k, v in package_versions().items()}
 
 
@@ -97,3 +137,17 @@ def save_outputs(settings: RunSettings, run_config: dict, row: dict, outcome: Ru
     csv_path = folder / "runs.csv"
     save_rows(csv_path, [row | {"model-file": str(model_path)}])
     return csv_path, model_path
+
+
+def finish_run(settings: RunSettings, run_config: dict, run_id: int, num_clients: int, outcome: RunOutcome,
+               seconds_so_far: float) -> dict:
+    """Score the run's models, print the table, append the results row and save the model; return the row."""
+    started = time.perf_counter()
+    table = score_models(settings, outcome)
+    label = "FedAvg" if settings.strategy == "fedavg" else f"{settings.method} merge ({settings.schedule})"
+    print_scores(table, f"Accuracy (%) of the {label} and of each client's own model")
+    wall_seconds = seconds_so_far + time.perf_counter() - started
+    row = results_row(run_config, run_id, num_clients, outcome, table, wall_seconds)
+    csv_path, model_path = save_outputs(settings, run_config, row, outcome)
+    log.info("results row appended to %s; merged model saved to %s", csv_path, model_path)
+    return row | {"model-file": str(model_path)}

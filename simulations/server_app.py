@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from fedmerge.device import derive_seed, seed_everything
+from fedmerge.device import default_device, derive_seed, seed_everything
 from fedmerge.federation import global_test_data
 from fedmerge.merge.functional import load_state
 from fedmerge.models import build_model, reinitialized_copy
+from fedmerge.train import evaluate
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
-from simulations.report import (
-    RunOutcome,
-    print_scores,
-    results_row,
-    save_outputs,
-    score_models,
-)
+from simulations.report import RunOutcome, finish_run
 from strategies import PermutationMerge, SortedFedAvg, make_runner
 
 log = logging.getLogger(__name__)
@@ -77,16 +73,33 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
                             clients_start_from_global=settings.clients_start_from_global, num_classes=num_classes, **nodes)
 
 
+def round_evaluation(settings: RunSettings, template: nn.Module, accuracies: dict[int, float]) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """A Flower ``evaluate_fn`` that records the global test accuracy (%) after each round in ``accuracies``."""
+    test = global_test_data(settings.federation)
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # the untrained initial model
+            return None
+        model = load_state(template, arrays.to_torch_state_dict())
+        accuracies[server_round] = evaluate(model, test, device=default_device())
+        log.info("round %d: global test accuracy %.2f%%", server_round, accuracies[server_round])
+        return MetricRecord({"global-accuracy": accuracies[server_round]})
+
+    return evaluate_round
+
+
 def run_federation(grid: Grid, settings: RunSettings, num_clients: int) -> RunOutcome:
     """Run the configured strategy for ``num_rounds`` rounds; raise when no client could be used."""
     template = template_model(settings)
     strategy = make_strategy(settings, template, num_clients)
-    result = strategy.start(grid, ArrayRecord(template.state_dict()), num_rounds=settings.num_rounds)
+    accuracies: dict[int, float] = {}
+    result = strategy.start(grid, ArrayRecord(template.state_dict()), num_rounds=settings.num_rounds,
+                            evaluate_fn=round_evaluation(settings, template, accuracies))
     if not strategy.client_updates:
         reasons = "; ".join(f"{who}: {why}" for who, why in strategy.left_out) or "no replies"
         raise RuntimeError(f"no client update could be used in the last round ({reasons})")
     model = load_state(template, result.arrays.to_torch_state_dict())
-    return RunOutcome(model, strategy.client_updates, strategy.left_out, strategy.merge_seconds)
+    return RunOutcome(model, strategy.client_updates, strategy.left_out, strategy.merge_seconds, accuracies)
 
 
 @app.main()
@@ -101,9 +114,4 @@ def main(grid: Grid, context: Context) -> None:
     log.info("fedmerge run: %d clients, %s split of %s, strategy %s (%s, %s schedule)", num_clients,
              settings.federation.split, settings.federation.dataset, settings.strategy, settings.method, settings.schedule)
     outcome = run_federation(grid, settings, num_clients)
-    table = score_models(settings, outcome)
-    label = "FedAvg" if settings.strategy == "fedavg" else f"{settings.method} merge ({settings.schedule})"
-    print_scores(table, f"Accuracy (%) of the {label} and of each client's own model")
-    row = results_row(run_config, context.run_id, num_clients, outcome, table, time.perf_counter() - started)
-    csv_path, model_path = save_outputs(settings, run_config, row, outcome)
-    log.info("results row appended to %s; merged model saved to %s", csv_path, model_path)
+    finish_run(settings, run_config, context.run_id, num_clients, outcome, time.perf_counter() - started)

@@ -6,54 +6,24 @@ results row and the merged model), and it stops the detached local SuperLink tha
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from simulations.flower_cli import flower_environment, flwr_run_command, stop_superlinks, superlink_pids
+
 FLWR = Path(sys.executable).with_name("flwr")
 
 
-def superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of the SuperLinks whose command line names ``flwr_home`` (their database lives there)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in command and str(flwr_home) in command:
-            pids.append(int(entry.name))
-    return pids
-
-
-def stop_superlinks(flwr_home: Path) -> None:
-    """Stop the SuperLinks using ``flwr_home`` with their whole process group (the simulation and its Ray workers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in superlink_pids(flwr_home):
-            try:
-                os.killpg(os.getpgid(pid), sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 20
-        while superlink_pids(flwr_home) and time.monotonic() < deadline:
-            time.sleep(0.5)
-
-
-def flwr_run(run_config: str, cwd: Path, env: dict) -> str:
+def flwr_run(run_config: dict, cwd: Path, flwr_home: Path) -> str:
     """Run ``flwr run`` on this project with two simulated clients; return its output (it exits 0 even on failure)."""
-    command = [str(FLWR), "run", str(REPO), "--stream", "--run-config", run_config,
-               "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
-    finished = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    command = flwr_run_command(run_config, num_supernodes=2)
+    finished = subprocess.run(command, check=False, cwd=cwd, env=flower_environment(flwr_home), capture_output=True,
+                              text=True, timeout=240)
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output[-4000:]
     return output
@@ -62,16 +32,9 @@ def flwr_run(run_config: str, cwd: Path, env: dict) -> str:
 @pytest.mark.skipif(not FLWR.exists(), reason=f"the flwr CLI is not installed next to {sys.executable}")
 def test_flwr_run_merges_two_clients_writes_results_and_repeats_exactly(tmp_path):
     flwr_home, results = tmp_path / "flwr-home", tmp_path / "runs"
-    env = os.environ | {
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{FLWR.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FEDMERGE_PROGRESS": "0",
-        "OMP_NUM_THREADS": "1",
-    }
-    run_config = f'results-dir="{results}" epochs=5 ste-steps=30 merge-workers=2 seed=3'
+    run_config = {"results-dir": str(results), "epochs": 5, "ste-steps": 30, "merge-workers": 2, "seed": 3}
     try:
-        outputs = [flwr_run(run_config, tmp_path, env) for _ in range(2)]
+        outputs = [flwr_run(run_config, tmp_path, flwr_home) for _ in range(2)]
     finally:
         stop_superlinks(flwr_home)
     runs = results / "runs.csv"

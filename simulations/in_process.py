@@ -1,0 +1,52 @@
+"""The Flower run's computation without Flower or Ray's client actors: the same clients, strategy, scores and
+results row, with the clients run one after another in this process. Used to measure what the Flower simulation
+adds (``python -m simulations.sweep --backend in-process``) and to run a federation from Python."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+
+from fedmerge.device import default_device, seed_everything
+from fedmerge.federation import global_test_data
+from fedmerge.merge.functional import load_state
+from fedmerge.train import evaluate
+from simulations.client_app import client_work
+from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
+from simulations.report import RunOutcome, finish_run
+from simulations.server_app import make_strategy, template_model
+from strategies.messages import ClientUpdate
+
+
+def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
+    """Run ``settings.num_rounds`` rounds of the configured strategy over ``num_clients`` clients in this process."""
+    template = template_model(settings)
+    strategy = make_strategy(settings, template, num_clients)
+    test, device = global_test_data(settings.federation), default_device()
+    global_state: dict[str, torch.Tensor] = template.state_dict()
+    accuracies: dict[int, float] = {}
+    updates: list[ClientUpdate] = []
+    merge_seconds = 0.0
+    for server_round in range(1, settings.num_rounds + 1):
+        start = global_state if strategy.clients_start_from_global else None
+        updates = []
+        for partition_id in range(num_clients):
+            work = client_work(settings, partition_id, server_round, start, strategy.want_surrogate, device)
+            updates.append(ClientUpdate(partition_id, partition_id, work.state, work.num_examples, work.surrogate, work.metrics))
+        began = time.perf_counter()
+        global_state = strategy.combine(updates)
+        merge_seconds = time.perf_counter() - began
+        accuracies[server_round] = evaluate(load_state(template, global_state), test, device=device)
+    return RunOutcome(load_state(template, global_state), updates, [], merge_seconds, accuracies)
+
+
+def run_in_process(run_config: Mapping[str, object], num_clients: int) -> dict:
+    """What ``flwr run . --run-config ...`` with ``num_clients`` supernodes does, in this process; returns the
+    results row (also appended to ``<results-dir>/runs.csv``)."""
+    started = time.perf_counter()
+    settings = settings_from_run_config(run_config, num_clients)
+    seed_everything(settings.seed)
+    outcome = federate_in_process(settings, num_clients)
+    return finish_run(settings, DEFAULT_RUN_CONFIG | dict(run_config), 0, num_clients, outcome, time.perf_counter() - started)
