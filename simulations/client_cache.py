@@ -1,7 +1,8 @@
 """A disk cache of trained client models and their surrogates, so that a sweep compares merge methods on the same
 clients without training them again.
 
-An entry's key is a hash of everything that decides the result: the federation (dataset, split, clients, seed),
+An entry's key is a hash of everything that decides the result: the federation (dataset, split, clients, seed; not
+the data folder),
 the model, the training settings, the partition, the round, the weights training started from, and the torch
 version. A surrogate's key adds its settings to its model's key. Entries are written to a temporary file and
 renamed, so a crash never leaves a half-written entry; concurrent clients write different keys.
@@ -33,7 +34,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim tensors too
     return digest.hexdigest()
 
 
@@ -46,7 +47,8 @@ def model_key(settings: RunSettings, partition_id: int, server_round: int, start
     seeded initialisation)."""
     return _hash({
         "format": CACHE_FORMAT, "torch": torch.__version__,
-        "federation": dataclasses.asdict(settings.federation), "model": settings.model, "width": settings.width,
+        "federation": dataclasses.asdict(settings.federation) | {"data_root": None},  # where files are is no result
+        "model": settings.model, "width": settings.width,
         "train": dataclasses.asdict(settings.train), "seed": settings.seed, "partition": partition_id,
         "round": server_round, "start": "own-init" if start is None else state_digest(start),
     })
@@ -83,14 +85,17 @@ class ClientCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
 
-    def _load(self, kind: str, key: str) -> dict | None:
+    def _load(self, kind: str, key: str, fields: tuple[str, ...]) -> dict | None:
+        """The entry's dict, or None when it is missing, unreadable or lacks ``fields`` (it is then made again and
+        overwritten)."""
         path = self._path(kind, key)
         if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError):  # unreadable entry: train again and overwrite it
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - torch.load raises many kinds on foreign bytes; all mean "not usable"
             return None
+        return entry if isinstance(entry, dict) and all(f in entry for f in fields) else None
 
     def _save(self, kind: str, key: str, entry: dict) -> None:
         path = self._path(kind, key)
@@ -101,7 +106,7 @@ class ClientCache:
 
     def load_model(self, key: str) -> TrainedClient | None:
         """The client model cached under ``key``, or None."""
-        entry = self._load("models", key)
+        entry = self._load("models", key, ("state", "train_seconds", "train_accuracy"))
         if entry is None:
             return None
         return TrainedClient(entry["state"], float(entry["train_seconds"]), float(entry["train_accuracy"]))
@@ -114,7 +119,7 @@ class ClientCache:
 
     def load_surrogate(self, key: str) -> BuiltSurrogate | None:
         """The surrogate cached under ``key``, or None."""
-        entry = self._load("surrogates", key)
+        entry = self._load("surrogates", key, ("x", "y", "num_classes", "name", "seconds"))
         if entry is None:
             return None
         data = LabeledImages(entry["x"], entry["y"], int(entry["num_classes"]), str(entry["name"]))

@@ -100,15 +100,16 @@ def stop_superlinks(flwr_home: Path, timeout: float = 20.0) -> None:
 
 
 def flwr_run(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path, log_path: Path, timeout: float,
-             cwd: Path | None = None, client_gpus: float = 0.0) -> bool:
-    """Run the app once with ``flwr run --stream``, its output going to ``log_path``; False when the command
-    failed or ran past ``timeout`` seconds (the SuperLink, and with it the run, is then stopped). A True does not
-    mean the run succeeded: check its results files."""
+             cwd: Path | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0) -> bool:
+    """Run the app once with ``flwr run --stream`` from ``cwd`` (default: this process's working directory, which
+    becomes the SuperLink's when it starts it: relative paths such as the default data folders resolve there), its
+    output going to ``log_path``. False when the command failed or ran past ``timeout`` seconds (the SuperLink,
+    and with it the run, is then stopped). A True does not mean the run succeeded: check its results files."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = flwr_run_command(run_config, num_supernodes, client_gpus=client_gpus)
+    command = flwr_run_command(run_config, num_supernodes, client_cpus, client_gpus)
     with log_path.open("w") as log_file:
         try:
-            finished = subprocess.run(command, cwd=cwd or flwr_home.parent, env=flower_environment(flwr_home),
+            finished = subprocess.run(command, cwd=cwd or Path.cwd(), env=flower_environment(flwr_home),
                                       stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             log_file.write(f"\n[fedmerge] flwr run ran past {timeout:.0f} s: stopping the SuperLink\n")

@@ -47,21 +47,23 @@ log = logging.getLogger(__name__)
 BACKENDS = ("flower", "in-process")
 SWEPT_KEYS = ("dataset", "split", "alpha", "strategy", "method", "num-rounds", "surrogate", "per-class", "seed")
 """Run-config keys the sweep sets itself (``--set`` may not)."""
-LOCAL_KEYS = ("results-dir", "client-cache")
+LOCAL_KEYS = ("results-dir", "client-cache", "data-root")
 """Run-config keys that say where files go; they do not change results and are not part of a run's key."""
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a sweep: its run config (without file locations), client count and backend."""
+    """One run of a sweep: its run config (without file locations), client count, backend, and the CPUs each
+    simulated client reserves (with 2 on a 2-core machine, Flower runs the clients one at a time)."""
 
     items: tuple[tuple[str, ConfigValue], ...]
     num_clients: int
     backend: str = "flower"
+    client_cpus: float = 1.0
 
     @classmethod
-    def make(cls, run_config: dict[str, ConfigValue], num_clients: int, backend: str) -> PlannedRun:
-        return cls(tuple(sorted(run_config.items())), num_clients, backend)
+    def make(cls, run_config: dict[str, ConfigValue], num_clients: int, backend: str, client_cpus: float = 1.0) -> PlannedRun:
+        return cls(tuple(sorted(run_config.items())), num_clients, backend, client_cpus)
 
     @property
     def config(self) -> dict[str, ConfigValue]:
@@ -70,7 +72,10 @@ class PlannedRun:
     @property
     def key(self) -> str:
         """A stable hash of what decides this run's results (and timings)."""
-        text = json.dumps([self.items, self.num_clients, self.backend])
+        fields: list = [self.items, self.num_clients, self.backend]
+        if self.backend == "flower" and self.client_cpus != 1.0:
+            fields.append(self.client_cpus)
+        text = json.dumps(fields)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
@@ -108,6 +113,8 @@ class SweepGrid:
     fedavg_rounds: int = 5
     overrides: dict[str, ConfigValue] = field(default_factory=dict)
     backend: str = "flower"
+    data_root: str = ""  # where the datasets are ("" : the default search); not part of run keys
+    client_cpus: float = 1.0
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.overrides) & set(SWEPT_KEYS + LOCAL_KEYS))
@@ -130,7 +137,7 @@ def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     """The FedAvg run over the same federation as ``run`` (same data, clients, model and training)."""
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
     config |= {key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class")}  # unused by FedAvg
-    return PlannedRun.make(config, run.num_clients, run.backend)
+    return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
 
 def _split_problem(config: dict[str, ConfigValue], num_clients: int) -> str | None:
@@ -157,7 +164,7 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                         base = DEFAULT_RUN_CONFIG | grid.overrides | {"dataset": dataset, "split": split, "alpha": float(alpha), "seed": seed}
                         for key in LOCAL_KEYS:
                             base.pop(key)
-                        problem = _split_problem(base, num_clients)
+                        problem = _split_problem(base | {"data-root": grid.data_root}, num_clients)
                         if problem:
                             skipped.append((f"{dataset} {split} N={num_clients}", problem))
                             continue
@@ -165,7 +172,7 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                             for method in grid.methods:
                                 config = base | {"strategy": "merge", "method": method, "num-rounds": 1,
                                                  "surrogate": kind, "per-class": per_class}
-                                run = PlannedRun.make(config, num_clients, grid.backend)
+                                run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
                                 if grid.fedavg_rounds:
                                     runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
                                 runs.append(run)
@@ -182,6 +189,7 @@ class SweepOptions:
     threads: int = 1
     client_gpus: float = field(default_factory=default_client_gpus)
     fedavg_rounds: int = 5
+    data_root: str = ""  # "" : the default search (./data, ../shared/data) from the working directory
 
     @property
     def csv_path(self) -> Path:
@@ -196,14 +204,14 @@ def finished_rows(csv_path: Path) -> pd.DataFrame:
     """The rows already in the sweep's CSV (empty when none)."""
     if not csv_path.exists() or csv_path.stat().st_size == 0:
         return pd.DataFrame(columns=["run-key"])
-    return pd.read_csv(csv_path)
+    return pd.read_csv(csv_path, dtype={"run-key": str})
 
 
 def _run_flower(run: PlannedRun, config: dict, options: SweepOptions) -> dict:
     results_dir = Path(str(config["results-dir"]))
     log_path = options.out / "logs" / f"{run.key}.log"
     completed = flwr_run(config, run.num_clients, options.out.resolve() / "flwr-home", log_path, options.timeout,
-                         client_gpus=options.client_gpus)
+                         client_cpus=run.client_cpus, client_gpus=options.client_gpus)
     csv_path = results_dir / "runs.csv"
     if not completed or not csv_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
@@ -222,10 +230,11 @@ def execute(run: PlannedRun, options: SweepOptions) -> dict:
     """Run ``run`` and return its results row with the sweep's columns (key, backend, seconds) added."""
     results_dir = (options.out / "runs" / run.key).resolve()
     shutil.rmtree(results_dir, ignore_errors=True)  # what a crashed earlier attempt left
-    config = run.config | {"results-dir": str(results_dir), "client-cache": str(options.cache_dir)}
+    config = run.config | {"results-dir": str(results_dir), "client-cache": str(options.cache_dir),
+                           "data-root": options.data_root}
     started = time.perf_counter()
     row = (_run_flower if run.backend == "flower" else _run_in_process)(run, config, options)
-    return row | {"run-key": run.key, "sweep-backend": run.backend, "sweep-method": run.method,
+    return row | {"run-key": run.key, "sweep-backend": run.backend, "sweep-client-cpus": run.client_cpus, "sweep-method": run.method,
                   "sweep-seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -306,8 +315,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKENDS, default="flower",
                         help="flwr run (Flower simulation on Ray) or the same computation in this process")
     parser.add_argument("--out", type=Path, default=Path("results/sweep"), help="folder of runs.csv, logs and plots")
+    parser.add_argument("--data-root", default="", help="folder of the datasets (default: ./data, ../shared/data)")
     parser.add_argument("--cache", type=Path, default=None, help="client model cache (default: <out>/client-cache)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take")
+    parser.add_argument("--client-cpus", type=float, default=1.0,
+                        help="CPUs each simulated client reserves (Flower runs cores / this many clients at once)")
     parser.add_argument("--client-gpus", type=float, default=default_client_gpus(), help="GPU share per simulated client")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and summary at the end")
@@ -318,8 +330,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
     try:
+        data_root = str(Path(args.data_root).resolve()) if args.data_root else ""
         grid = SweepGrid(args.datasets, args.splits, args.alphas, args.clients, args.methods, args.surrogates, args.seeds,
-                         args.fedavg_rounds, dict(args.overrides), args.backend)
+                         args.fedavg_rounds, dict(args.overrides), args.backend, data_root, args.client_cpus)
         runs, skipped = plan(grid)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -330,12 +343,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         for run in runs:
             console.print(f"{run.key}  {run.label}")
         return 0
-    options = SweepOptions(args.out, args.cache, args.timeout, client_gpus=args.client_gpus, fedavg_rounds=args.fedavg_rounds)
+    options = SweepOptions(args.out, args.cache, args.timeout, client_gpus=args.client_gpus, fedavg_rounds=args.fedavg_rounds,
+                           data_root=data_root)
     failures = run_sweep(runs, options, console)
     if not args.no_report and options.csv_path.exists():
         from simulations.sweep_report import write_report
 
-        for path in write_report(options.csv_path, options.out):
+        for path in write_report(options.csv_path, options.out, args.backend):
             console.log(f"wrote {path}")
     for run, error in failures:
         console.print(f"[red]failed:[/red] {run.label} ({run.key}): {error.splitlines()[0] if error else ''}")

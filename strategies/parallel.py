@@ -52,7 +52,8 @@ class RayRunner:
         self.workers = workers
         self.threads_per_task = threads_per_task
 
-    def _ensure_ray(self) -> None:
+    def start(self) -> None:
+        """Join or start Ray now (so that its start-up does not count in the first merge's time)."""
         import ray
 
         if not ray.is_initialized():
@@ -79,7 +80,7 @@ class RayRunner:
     def run(self, model: nn.Module, jobs: Sequence[PairJob]) -> list[MergeResult]:
         import ray
 
-        self._ensure_ray()
+        self.start()
         task = ray.remote(_ray_merge).options(**self._resources())
         model_ref = ray.put(model)
         pending: list = []

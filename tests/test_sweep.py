@@ -164,10 +164,6 @@ def test_with_fedavg_baselines():
         assert math.isnan(row["acc_fedavg1_global"]) and math.isnan(row["acc_fedavgR_global"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finished_rows reads runs.csv with pandas' type inference: when every run key in the file is all digits "
-    "(about 1 key in 1850), the run-key column becomes integers, leading zeros are lost, and the finished run "
-    "(here, the FedAvg run whose row its merge runs look up) is not found: it reruns and the baselines are NaN"))
 def test_a_run_key_of_digits_survives_the_csv(tmp_path):
     run = next(r for r in (PlannedRun.make(DEFAULT_RUN_CONFIG | {"seed": s}, 2, "in-process") for s in range(10**6))
                if r.key.isdigit() and r.key.startswith("0"))
