@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -73,6 +74,8 @@ _KEYS: dict[str, _Key] = {
     "np-steps": _Key(200, int, minimum=0),
     "num-rounds": _Key(1, int, minimum=1),
     "merge-workers": _Key(2, int, minimum=0),
+    "finetune-epochs": _Key(0, int, minimum=0),
+    "finetune-lr": _Key(0.01, float, minimum=0, exclusive=True),
     "same-init": _Key(False, bool),
     "seed": _Key(0, int),
     "results-dir": _Key("results/runs", str),
@@ -89,7 +92,8 @@ class RunSettings:
 
     ``width`` None means the model's default; ``merge_workers`` is the number of Ray tasks per merge-tree level
     (0: merge in the server process); ``clients_start_from_global``: clients train from the server's weights
-    rather than from their own initialisation; ``client_cache``: folder of trained client models and surrogates
+    rather than from their own initialisation; ``finetune_epochs``: epochs of fine-tuning the merged model on the
+    union of the surrogates (0: none); ``client_cache``: folder of trained client models and surrogates
     reused across runs ("" for none, see :mod:`simulations.client_cache`).
     """
 
@@ -106,10 +110,18 @@ class RunSettings:
     np_steps: int = 200
     num_rounds: int = 1
     merge_workers: int = 2
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
     clients_start_from_global: bool = False
     seed: int = 0
     results_dir: str = "results/runs"
     client_cache: str = ""
+
+    def finetune_config(self) -> TrainConfig | None:
+        """How the server fine-tunes the merged model on the union of the surrogates (None: it does not)."""
+        if not self.finetune_epochs:
+            return None
+        return dataclasses.replace(self.train, epochs=self.finetune_epochs, lr=self.finetune_lr)
 
     def merge_config(self) -> MergeConfig:
         """The pairwise merge the server runs."""
@@ -160,6 +172,8 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         np_steps=int(values["np-steps"]),
         num_rounds=int(values["num-rounds"]),
         merge_workers=int(values["merge-workers"]),
+        finetune_epochs=int(values["finetune-epochs"]),
+        finetune_lr=float(values["finetune-lr"]),
         clients_start_from_global=bool(values["same-init"]),
         seed=int(values["seed"]),
         results_dir=str(values["results-dir"]),

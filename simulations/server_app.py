@@ -70,7 +70,8 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
     if settings.strategy == "fedavg":
         return SortedFedAvg(num_classes, **nodes)
     return PermutationMerge(template, settings.merge_config(), settings.schedule, make_runner(settings.merge_workers),
-                            clients_start_from_global=settings.clients_start_from_global, num_classes=num_classes, **nodes)
+                            clients_start_from_global=settings.clients_start_from_global, num_classes=num_classes,
+                            finetune=settings.finetune_config(), **nodes)
 
 
 def round_evaluation(settings: RunSettings, template: nn.Module, accuracies: dict[int, float]) -> Callable[[int, ArrayRecord], MetricRecord | None]:

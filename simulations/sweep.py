@@ -45,7 +45,8 @@ from simulations.results_io import save_rows
 log = logging.getLogger(__name__)
 
 BACKENDS = ("flower", "in-process")
-SWEPT_KEYS = ("dataset", "split", "alpha", "strategy", "method", "num-rounds", "surrogate", "per-class", "seed")
+SWEPT_KEYS = ("dataset", "split", "alpha", "strategy", "method", "num-rounds", "surrogate", "per-class", "seed",
+              "finetune-epochs")
 """Run-config keys the sweep sets itself (``--set`` may not)."""
 LOCAL_KEYS = ("results-dir", "client-cache", "data-root")
 """Run-config keys that say where files go; they do not change results and are not part of a run's key."""
@@ -71,8 +72,10 @@ class PlannedRun:
 
     @property
     def key(self) -> str:
-        """A stable hash of what decides this run's results (and timings)."""
-        fields: list = [self.items, self.num_clients, self.backend]
+        """A stable hash of what decides this run's results (and timings): the swept keys and every other key that
+        differs from its default, so that a key added to the run config later leaves finished runs' keys alone."""
+        items = [(k, v) for k, v in self.items if k in SWEPT_KEYS or v != DEFAULT_RUN_CONFIG.get(k)]
+        fields: list = [items, self.num_clients, self.backend]
         if self.backend == "flower" and self.client_cpus != 1.0:
             fields.append(self.client_cpus)
         text = json.dumps(fields)
@@ -84,8 +87,11 @@ class PlannedRun:
 
     @property
     def method(self) -> str:
-        """``fedavg`` or the merge method."""
-        return "fedavg" if self.is_fedavg else str(self.config["method"])
+        """``fedavg``, or the merge method with ``+ft<epochs>`` when the merged model is fine-tuned."""
+        if self.is_fedavg:
+            return "fedavg"
+        epochs = self.config.get("finetune-epochs", 0)
+        return f"{self.config['method']}+ft{epochs}" if epochs else str(self.config["method"])
 
     @property
     def split_label(self) -> str:
@@ -115,6 +121,7 @@ class SweepGrid:
     backend: str = "flower"
     data_root: str = ""  # where the datasets are ("" : the default search); not part of run keys
     client_cpus: float = 1.0
+    finetune_epochs: Sequence[int] = (0,)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.overrides) & set(SWEPT_KEYS + LOCAL_KEYS))
@@ -128,15 +135,15 @@ class SweepGrid:
                 raise ValueError(f"bad surrogate {kind}:{per_class}; kinds: {', '.join(SURROGATE_KINDS)}, size >= 1")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        if self.fedavg_rounds < 0 or any(n < 2 for n in self.clients):
-            raise ValueError("need --fedavg-rounds >= 0 and client counts >= 2")
+        if self.fedavg_rounds < 0 or any(n < 2 for n in self.clients) or any(e < 0 for e in self.finetune_epochs):
+            raise ValueError("need --fedavg-rounds >= 0, client counts >= 2 and --finetune-epochs >= 0")
         settings_from_run_config(self.overrides, 2)  # unknown keys and bad values fail here, before any run
 
 
 def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     """The FedAvg run over the same federation as ``run`` (same data, clients, model and training)."""
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
-    config |= {key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class")}  # unused by FedAvg
+    config |= {key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class", "finetune-epochs")}  # unused by FedAvg
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
 
@@ -170,12 +177,13 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                             continue
                         for kind, per_class in grid.surrogates:
                             for method in grid.methods:
-                                config = base | {"strategy": "merge", "method": method, "num-rounds": 1,
-                                                 "surrogate": kind, "per-class": per_class}
-                                run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
-                                if grid.fedavg_rounds:
-                                    runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
-                                runs.append(run)
+                                for epochs in grid.finetune_epochs:
+                                    config = base | {"strategy": "merge", "method": method, "num-rounds": 1,
+                                                     "surrogate": kind, "per-class": per_class, "finetune-epochs": epochs}
+                                    run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
+                                    if grid.fedavg_rounds:
+                                        runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
+                                    runs.append(run)
     return list(dict.fromkeys(runs)), skipped  # drop repeats (one FedAvg run per federation), keep order
 
 
@@ -309,6 +317,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--surrogates", nargs="+", type=_surrogate, default=[("random", 10)],
                         help=f"surrogates as KIND:PER_CLASS; kinds: {', '.join(SURROGATE_KINDS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--finetune-epochs", nargs="+", type=int, default=[0],
+                        help="epochs of fine-tuning the merged model on the surrogates (0: none); each value is a variant")
     parser.add_argument("--fedavg-rounds", type=int, default=5, help="rounds of the FedAvg baseline (0: none)")
     parser.add_argument("--set", dest="overrides", nargs="*", type=_assignment, default=[], metavar="KEY=VALUE",
                         help="run-config values for every run, e.g. epochs=2 ste-steps=100 (see pyproject.toml)")
@@ -331,8 +341,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         data_root = str(Path(args.data_root).resolve()) if args.data_root else ""
-        grid = SweepGrid(args.datasets, args.splits, args.alphas, args.clients, args.methods, args.surrogates, args.seeds,
-                         args.fedavg_rounds, dict(args.overrides), args.backend, data_root, args.client_cpus)
+        grid = SweepGrid(datasets=args.datasets, splits=args.splits, alphas=args.alphas, clients=args.clients,
+                         methods=args.methods, surrogates=args.surrogates, seeds=args.seeds, fedavg_rounds=args.fedavg_rounds,
+                         overrides=dict(args.overrides), backend=args.backend, data_root=data_root,
+                         client_cpus=args.client_cpus, finetune_epochs=args.finetune_epochs)
         runs, skipped = plan(grid)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")

@@ -6,7 +6,11 @@ import logging
 
 from torch import nn
 
+from fedmerge.device import default_device, derive_seed
+from fedmerge.merge import fine_tune
+from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
+from fedmerge.train import TrainConfig
 from fedmerge.surrogate.build import last_linear
 from strategies.fedavg import SortedFedAvg, State
 from strategies.messages import ClientUpdate
@@ -34,7 +38,9 @@ class PermutationMerge(SortedFedAvg):
     ``model`` is an architecture template (any model with ``permutation_spec()``). ``clients_start_from_global``
     tells clients whether to train from the sent weights (usual FL) or from their own initialisation (one-shot
     merging of independently trained models). Federated evaluation is off by default (``fraction_evaluate=0``):
-    evaluate the merged model on the server with ``evaluate_fn``. After a round, ``merge_steps`` lists the pairwise
+    evaluate the merged model on the server with ``evaluate_fn``. With ``finetune`` (a
+    :class:`fedmerge.train.TrainConfig`), the merged model is then trained further on the union of the surrogates.
+    After a round, ``merge_steps`` lists the pairwise
     merges besides what :class:`SortedFedAvg` records.
     """
 
@@ -47,6 +53,7 @@ class PermutationMerge(SortedFedAvg):
         want_surrogate: bool = True,
         clients_start_from_global: bool = False,
         num_classes: int | None = None,
+        finetune: TrainConfig | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
@@ -69,6 +76,7 @@ class PermutationMerge(SortedFedAvg):
         self.runner: MergeRunner = runner if runner is not None else SequentialRunner()
         self.want_surrogate = want_surrogate
         self.clients_start_from_global = clients_start_from_global
+        self.finetune = finetune
         self.merge_steps: list[MergeStep] = []
         self._reference = model.state_dict()  # until configure_train sends the global weights
 
@@ -85,4 +93,12 @@ class PermutationMerge(SortedFedAvg):
                 log.warning("%s sent no surrogate: it is merged by data-free weight matching", update.name)
         merged, self.merge_steps = run_schedule(self.schedule, self.model, [MergeNode.from_update(u) for u in updates],
                                                 self.merge, self.runner)
-        return merged.state
+        if self.finetune is None:
+            return merged.state
+        if merged.surrogate is None:
+            log.warning("fine-tuning skipped: clients %s sent no surrogate", list(merged.without_surrogate))
+            return merged.state
+        log.info("fine-tuning the merged model on %d surrogate images for %d epochs", len(merged.surrogate), self.finetune.epochs)
+        tuned = fine_tune(load_state(self.model, merged.state), merged.surrogate, self.finetune,
+                          seed=derive_seed(self.merge.seed, "finetune"), device=default_device())
+        return {name: tensor.detach().cpu() for name, tensor in tuned.state_dict().items()}

@@ -10,9 +10,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 
-from fedmerge.data.images import LabeledImages
+from fedmerge.data.images import LabeledImages, concat
 from fedmerge.merge import MergeConfig, NPConfig, STEConfig, weighted_average
+from fedmerge.merge.functional import load_state
 from fedmerge.models import build_model
+from fedmerge.train import TrainConfig, evaluate
 from strategies import PermutationMerge, SortedFedAvg, client_reply, read_reply
 from strategies.messages import ClientUpdate, train_config
 from strategies.parallel import RayRunner, SequentialRunner
@@ -191,6 +193,31 @@ def test_every_merge_method_runs_a_three_client_tree(method):
     assert all(torch.isfinite(v).all() for v in merged.values())
     assert [s.method for s in strategy.merge_steps] == [method, method]
     assert metrics["clients-merged"] == 3
+
+
+def _surrogate_accuracy(state: dict, replies: list[Message]) -> float:
+    data = concat([read_reply(r, NUM_CLASSES).surrogate for r in replies])
+    return evaluate(load_state(small_mlp(0), state), data)
+
+
+def test_fine_tuning_trains_the_merged_model_on_the_union_of_the_surrogates():
+    replies = [reply(k, num_examples=30) for k in range(3)]
+    plain, _ = merge_strategy("wm").aggregate_train(1, replies)
+    tuned_strategy = merge_strategy("wm", finetune=TrainConfig(epochs=100, lr=0.1, batch_size=16))
+    tuned, _ = tuned_strategy.aggregate_train(1, replies)
+    again, _ = merge_strategy("wm", finetune=TrainConfig(epochs=100, lr=0.1, batch_size=16)).aggregate_train(1, replies)
+    plain, tuned = plain.to_torch_state_dict(), tuned.to_torch_state_dict()
+    assert _surrogate_accuracy(tuned, replies) > _surrogate_accuracy(plain, replies) + 20
+    assert_states_equal(tuned, again.to_torch_state_dict())  # seeded
+
+
+def test_fine_tuning_is_skipped_with_a_warning_when_a_client_sent_no_surrogate(caplog):
+    replies = [reply(0), reply(1, data=None)]
+    plain, _ = merge_strategy("wm").aggregate_train(1, replies)
+    with caplog.at_level(logging.WARNING, logger="strategies"):
+        tuned, _ = merge_strategy("wm", finetune=TrainConfig(epochs=5)).aggregate_train(1, replies)
+    assert_states_equal(plain.to_torch_state_dict(), tuned.to_torch_state_dict())
+    assert any("fine-tuning skipped: clients [1] sent no surrogate" in r.message for r in caplog.records)
 
 
 def test_permutation_merge_leaves_out_broken_clients_and_reports_them(caplog):
