@@ -66,6 +66,13 @@ def time_merge(settings: RunSettings, nodes: list[MergeNode], way: str, ray_runn
     return seconds, evaluate(load_state(template, merged.state), global_test_data(settings.federation), device=default_device())
 
 
+def read_rows(csv_path: Path) -> pd.DataFrame:
+    """Finished measurements (``cfg`` as text: an empty one stays "", not NaN)."""
+    if not csv_path.exists():
+        return pd.DataFrame(columns=["num-clients", "method", "way", "cfg"])
+    return pd.read_csv(csv_path, dtype={"cfg": str}, keep_default_na=False, na_values={"merge-seconds": [""]})
+
+
 def warm_up(settings: RunSettings, nodes: list[MergeNode], ray_runner: RayRunner) -> None:
     """One untimed data-free parallel level, so that every Ray worker has imported torch and this project."""
     pairs = [MergeNode(n.state, (i,), n.num_examples, n.surrogate) for i, n in enumerate((nodes * ray_runner.workers * 2)[:2 * ray_runner.workers])]
@@ -107,7 +114,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     console = Console(stderr=True)
     torch.set_num_threads(1)  # one thread per merge, as in the Ray tasks: the comparison is about the schedule
     csv_path = args.out / "merge_scaling.csv"
-    done = pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame(columns=["num-clients", "method", "way", "cfg"])
+    done = read_rows(csv_path)
     ray_runner = RayRunner(args.workers)
     ray_runner.start()  # start Ray before any timing
     warmed = False
@@ -132,7 +139,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                        "workers": args.workers if WAYS[way][1] == "ray" else 1, "merge-seconds": round(seconds, 2),
                        "acc_merged_global": round(accuracy, 2), "peak-rss-mb": round(peak_rss_mb(), 1), "cfg": cfg}
                 save_rows(csv_path, [row | {f"version_{k}": v for k, v in package_versions().items()}])
-                done = pd.read_csv(csv_path)
+                done = read_rows(csv_path)
                 console.log(f"N={num_clients} {method} {way}: {seconds:.1f} s, merged {accuracy:.1f}%")
     console.log(f"wrote {plot(pd.read_csv(csv_path), args.out / 'merge_scaling.png')}")
     return 0

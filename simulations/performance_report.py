@@ -27,12 +27,12 @@ PARTS = {"train": "client training", "surrogate": "surrogates", "merge": "merge"
 def scaling_section(scaling: pd.DataFrame) -> list[str]:
     """Merge seconds per client count and way, and the speed-up of the parallel tree over the sequential one."""
     lines = ["## Merge time against client count", ""]
-    for method, here in scaling.groupby("method"):
+    for (dataset, split, cfg, method), here in scaling.fillna({"cfg": ""}).groupby(["dataset", "split", "cfg", "method"]):
         table = here.pivot_table(index="num-clients", columns="way", values="merge-seconds", aggfunc="mean")
         if {"tree, parallel", "tree, sequential"} <= set(table.columns):
             table["parallel speed-up"] = table["tree, sequential"] / table["tree, parallel"]
         accuracy = here.pivot_table(index="num-clients", columns="way", values="acc_merged_global", aggfunc="mean")
-        lines += [f"### {method} (seconds; merged accuracy % in the second table)", "", table.round(2).to_markdown(), "",
+        lines += [f"### {method}, {dataset} {split} {cfg} (seconds; merged accuracy % in the second table)", "", table.round(2).to_markdown(), "",
                   accuracy.round(1).to_markdown(), ""]
     lines += ["![merge scaling](merge_scaling.png)", ""]
     return lines
@@ -41,7 +41,7 @@ def scaling_section(scaling: pd.DataFrame) -> list[str]:
 def wall_time_parts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run: wall seconds split into client training and surrogate building on the critical path (the clients'
     sums divided by how many ran at once), merging, and everything else (start-up, messaging, scoring)."""
-    at_once = (2 / runs["sweep-client-cpus"].fillna(1.0)).clip(lower=1).where(runs["sweep-backend"] == "flower", 1.0)
+    at_once = clients_at_once(runs).where(runs["sweep-backend"] == "flower", 1).clip(upper=runs["num-clients"])
     parts = pd.DataFrame({
         "train": runs["client-mean_train-seconds"] * runs["num-clients"] / at_once,
         "surrogate": runs["client-mean_surrogate-seconds"] * runs["num-clients"] / at_once,
@@ -51,10 +51,15 @@ def wall_time_parts(runs: pd.DataFrame) -> pd.DataFrame:
     return parts
 
 
+def clients_at_once(runs: pd.DataFrame) -> pd.Series:
+    """How many simulated clients Flower ran at once: the host's CPUs (2 when not recorded) over each client's."""
+    host = runs["host-cpus"].fillna(2) if "host-cpus" in runs else pd.Series(2, index=runs.index)
+    return (host // runs["sweep-client-cpus"].fillna(1.0)).clip(lower=1).astype(int)
+
+
 def backend_label(runs: pd.DataFrame) -> pd.Series:
-    """"in-process", or "Flower, k client(s) at once" from the CPUs each client reserved (of 2)."""
-    at_once = (2 / runs["sweep-client-cpus"].fillna(1.0)).clip(lower=1).astype(int).astype(str)
-    return ("Flower, " + at_once + " client(s) at once").where(runs["sweep-backend"] == "flower", "in-process")
+    """"in-process", or "Flower, k client(s) at once"."""
+    return ("Flower, " + clients_at_once(runs).astype(str) + " client(s) at once").where(runs["sweep-backend"] == "flower", "in-process")
 
 
 def overhead_section(runs: pd.DataFrame, figure: Path) -> list[str]:

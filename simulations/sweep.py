@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -242,7 +243,7 @@ def execute(run: PlannedRun, options: SweepOptions) -> dict:
                            "data-root": options.data_root}
     started = time.perf_counter()
     row = (_run_flower if run.backend == "flower" else _run_in_process)(run, config, options)
-    return row | {"run-key": run.key, "sweep-backend": run.backend, "sweep-client-cpus": run.client_cpus, "sweep-method": run.method,
+    return row | {"run-key": run.key, "sweep-backend": run.backend, "sweep-client-cpus": run.client_cpus, "host-cpus": os.cpu_count(), "sweep-method": run.method,
                   "sweep-seconds": round(time.perf_counter() - started, 3)}
 
 

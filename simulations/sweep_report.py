@@ -43,8 +43,8 @@ def load_runs(csv_path: Path, backend: str = "flower") -> pd.DataFrame:
     split = runs["cfg_split"].where(runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")")
     runs["setting"] = runs["cfg_dataset"] + " " + split
     surrogate = runs["cfg_surrogate"] + ":" + runs["cfg_per-class"].astype(str)
-    several = surrogate[runs["sweep-method"] != "fedavg"].nunique() > 1
-    runs["method"] = runs["sweep-method"].where((runs["sweep-method"] == "fedavg") | ~several, runs["sweep-method"] + " " + surrogate)
+    several = bool(surrogate[runs["sweep-method"] != "fedavg"].nunique() > 1)
+    runs["method"] = runs["sweep-method"] + " " + surrogate if several else runs["sweep-method"]
     runs.loc[runs["sweep-method"] == "fedavg", "method"] = "fedavg-" + runs["fedavg-rounds"].astype(int).astype(str) + "rounds"
     client_columns = runs.filter(regex=r"^acc_client\d+_global$")
     runs["client-mean_global"] = client_columns.mean(axis=1)

@@ -152,10 +152,6 @@ def test_load_runs_without_a_backend_column_keeps_every_row(tmp_path):
     assert len(runs) == 2 and set(runs["setting"]) == {"mnist iid"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sweep_report.load_runs: `several` is a Python bool (Series.nunique() > 1), so `~several` is the int -2 or -1, "
-    "and `(runs['sweep-method'] == 'fedavg') | ~several` is True on every row: merge methods never get the surrogate "
-    "suffix, and runs with different surrogates are averaged together as one method"))
 def test_load_runs_names_the_surrogate_when_several_were_swept(tmp_path):
     rows = [sweep_row("fedavg", 2, 0, 70.0)]
     rows += [sweep_row(m, 2, 0, 60.0, surrogate=s, per_class=k) for m in ("wm", "ste") for s, k in (("random", 10), ("herding", 5))]
@@ -304,7 +300,7 @@ def test_performance_report_with_only_the_merge_scaling(tmp_path):
     assert path == results / "performance.md"
     text = path.read_text()
     assert text.startswith("# Performance") and "## Merge time against client count" in text
-    assert "### wm (seconds; merged accuracy % in the second table)" in text
+    assert "### wm, digits dirichlet epochs=1 (seconds; merged accuracy % in the second table)" in text
     assert "## Flower + Ray overhead" not in text and "## Peak memory" not in text
     assert not (results / "overhead.png").exists()
     seconds, accuracy = text.split("### wm", 1)[1].split("\n\n")[1:3]
@@ -387,10 +383,6 @@ class _NoRay:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "merge_scaling.main without --set: cfg is '' and save_rows writes it as an empty field, which "
-    "pd.read_csv(csv_path) reads back as NaN, so `done['cfg'] == cfg` never matches and every finished way is "
-    "timed (and its row added) again: resuming only works when some --set is given"))
 def test_merge_scaling_resumes_without_overrides(tmp_path, monkeypatch):
     out = tmp_path / "out"
     done = [row | {"cfg": ""} for row in scaling_rows() if row["num-clients"] == 2]
