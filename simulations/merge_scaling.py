@@ -34,7 +34,7 @@ from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_ru
 from simulations.memory import peak_rss_mb
 from simulations.results_io import save_rows
 from simulations.server_app import template_model
-from simulations.sweep import _assignment
+from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
 from strategies import RayRunner, SequentialRunner
 from strategies.schedule import MergeNode, run_schedule
@@ -106,7 +106,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--split", default="dirichlet")
     parser.add_argument("--clients", nargs="+", type=int, default=[2, 4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["ste", "wm"])
-    parser.add_argument("--set", dest="overrides", nargs="*", type=_assignment, default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", nargs="*", type=parse_assignment, default=[], metavar="KEY=VALUE")
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks per tree level")
     parser.add_argument("--cache", type=Path, default=Path("results/sweep/client-cache"))
     parser.add_argument("--out", type=Path, default=Path("results"))

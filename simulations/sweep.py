@@ -289,7 +289,8 @@ def run_sweep(runs: Sequence[PlannedRun], options: SweepOptions, console: Consol
     return failures
 
 
-def _surrogate(text: str) -> tuple[str, int]:
+def parse_surrogate(text: str) -> tuple[str, int]:
+    """``KIND:PER_CLASS`` (or ``KIND``, with the default size) as an argparse type."""
     kind, _, size = text.partition(":")
     try:
         return kind, int(size or DEFAULT_RUN_CONFIG["per-class"])
@@ -297,7 +298,8 @@ def _surrogate(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"surrogate must be KIND or KIND:PER_CLASS (e.g. random:10), got {text!r}") from None
 
 
-def _assignment(text: str) -> tuple[str, ConfigValue]:
+def parse_assignment(text: str) -> tuple[str, ConfigValue]:
+    """``KEY=VALUE`` with a TOML value (a bare word is a string) as an argparse type."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (a TOML value, e.g. epochs=2), got {text!r}")
@@ -315,13 +317,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="Dirichlet concentrations")
     parser.add_argument("--clients", nargs="+", type=int, default=[2, 4, 8, 16, 32], help="client counts")
     parser.add_argument("--methods", nargs="+", default=["ste", "wm", "average"], help=f"merge methods: {', '.join(METHODS)}")
-    parser.add_argument("--surrogates", nargs="+", type=_surrogate, default=[("random", 10)],
+    parser.add_argument("--surrogates", nargs="+", type=parse_surrogate, default=[("random", 10)],
                         help=f"surrogates as KIND:PER_CLASS; kinds: {', '.join(SURROGATE_KINDS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--finetune-epochs", nargs="+", type=int, default=[0],
                         help="epochs of fine-tuning the merged model on the surrogates (0: none); each value is a variant")
     parser.add_argument("--fedavg-rounds", type=int, default=5, help="rounds of the FedAvg baseline (0: none)")
-    parser.add_argument("--set", dest="overrides", nargs="*", type=_assignment, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", nargs="*", type=parse_assignment, default=[], metavar="KEY=VALUE",
                         help="run-config values for every run, e.g. epochs=2 ste-steps=100 (see pyproject.toml)")
     parser.add_argument("--backend", choices=BACKENDS, default="flower",
                         help="flwr run (Flower simulation on Ray) or the same computation in this process")

@@ -37,8 +37,8 @@ from simulations.sweep import (
     PlannedRun,
     SweepGrid,
     SweepOptions,
-    _assignment,
-    _surrogate,
+    parse_assignment,
+    parse_surrogate,
     fedavg_counterpart,
     finished_rows,
     main,
@@ -312,21 +312,21 @@ def test_main_returns_1_when_a_run_failed(monkeypatch, tmp_path):
     ("results-dir=a=b", ("results-dir", "a=b")),
 ])
 def test_assignment(text, expected):
-    key, value = _assignment(text)
+    key, value = parse_assignment(text)
     assert (key, value) == expected and type(value) is type(expected[1])
 
 
 def test_assignment_needs_an_equals_sign():
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
-        _assignment("epochs")
+        parse_assignment("epochs")
 
 
 def test_surrogate():
-    assert _surrogate("herding:5") == ("herding", 5)
-    assert _surrogate("random") == ("random", DEFAULT_RUN_CONFIG["per-class"])
+    assert parse_surrogate("herding:5") == ("herding", 5)
+    assert parse_surrogate("random") == ("random", DEFAULT_RUN_CONFIG["per-class"])
     for bad in ("random:x", "random:1.5"):
         with pytest.raises(argparse.ArgumentTypeError, match="KIND:PER_CLASS"):
-            _surrogate(bad)
+            parse_surrogate(bad)
 
 
 # --- the flwr run command -------------------------------------------------------------------------------------------
