@@ -411,3 +411,38 @@ def test_surrogate_trained_model():
     assert all(torch.equal(model.state_dict()[k], again.state_dict()[k]) for k in before)  # seeded
     union = LabeledImages(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), 10, "union")
     assert evaluate(model, union) > 80  # 50 epochs fit two dozen images
+
+
+# ---------------------------------------------------------------------------------------------- the Flower backend
+
+
+def test_flower_backend_reads_the_row_the_server_app_wrote_and_passes_cpus_and_locations(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_flwr_run(config, num_supernodes, flwr_home, log_path, timeout, cwd=None, client_cpus=1.0, client_gpus=0.0):
+        calls.append((config, num_supernodes, flwr_home, client_cpus))
+        save_rows(Path(config["results-dir"]) / "runs.csv", [{"acc_merged_global": 81.5, "merge-seconds": 1.0}])
+        return True
+
+    monkeypatch.setattr(sweep, "flwr_run", fake_flwr_run)
+    monkeypatch.setattr(sweep, "stop_superlinks", lambda home: None)
+    run = PlannedRun.make(DEFAULT_RUN_CONFIG | {"method": "wm"}, 3, "flower", client_cpus=2.0)
+    options = SweepOptions(tmp_path / "out", data_root="/data")
+    row = sweep.execute(run, options)
+    config, supernodes, flwr_home, cpus = calls[0]
+    assert (supernodes, cpus, flwr_home) == (3, 2.0, (tmp_path / "out" / "flwr-home").resolve())
+    assert config["client-cache"] == str((tmp_path / "out" / "client-cache").resolve()) and config["data-root"] == "/data"
+    assert Path(config["results-dir"]) == (tmp_path / "out" / "runs" / run.key).resolve()
+    assert row["acc_merged_global"] == 81.5 and row["run-key"] == run.key and row["sweep-client-cpus"] == 2.0
+
+
+def test_flower_backend_failure_names_the_log_and_shows_its_tail(tmp_path, monkeypatch):
+    def failing_flwr_run(config, num_supernodes, flwr_home, log_path, timeout, **kwargs):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("starting\nValueError: run config 'alpha' must be > 0\n")
+        return True  # flwr run --stream exits 0 even when the run failed
+
+    monkeypatch.setattr(sweep, "flwr_run", failing_flwr_run)
+    run = PlannedRun.make(dict(DEFAULT_RUN_CONFIG), 2, "flower")
+    with pytest.raises(RuntimeError, match=r"(?s)left no results row.*logs.*alpha' must be > 0"):
+        sweep.execute(run, SweepOptions(tmp_path))
