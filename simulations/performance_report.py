@@ -84,7 +84,7 @@ def overhead_section(runs: pd.DataFrame, figure: Path) -> list[str]:
             "The same runs (same config, no client cache) through `flwr run` and in one process "
             "(`--backend in-process`). 'Everything else' is the wall time not spent training clients, building "
             "surrogates or merging: process and Ray start-up, messaging, scoring and writing results.", "",
-            table.round(1).to_markdown(), "", f"![overhead]({figure.name})", ""]
+            table.round(1).reset_index().to_markdown(index=False), "", f"![overhead]({figure.name})", ""]
 
 
 def memory_section(runs: pd.DataFrame) -> list[str]:
@@ -95,7 +95,7 @@ def memory_section(runs: pd.DataFrame) -> list[str]:
     table = runs.groupby(["sweep-method", "num-clients"])[present].max().rename(columns=columns)
     return ["## Peak memory (sweep runs, maximum over datasets and splits)", "",
             "The server process holds Flower's simulation engine, Ray's driver and every client model; a client "
-            "process is one Ray actor.", "", table.round(0).to_markdown(), ""]
+            "process is one Ray actor.", "", table.round(0).reset_index().to_markdown(index=False), ""]
 
 
 def write_performance_report(results: Path) -> Path:

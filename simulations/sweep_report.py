@@ -65,26 +65,34 @@ def plot_accuracy(runs: pd.DataFrame, path: Path) -> Path:
     settings = sorted(runs["setting"].unique())
     columns = min(2, len(settings))
     rows = -(-len(settings) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows + 0.5), squeeze=False)
+    methods = sorted(runs["method"].unique())
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    colors = dict(zip([*methods, *BASELINES.values()], palette))  # one colour per line, the same in every panel
     for ax, setting in zip(axes.flat, settings):
         here = runs[runs["setting"] == setting]
         for method in sorted(here["method"].unique()):
             stats = mean_and_std(here[here["method"] == method], "acc_merged_global", ["num-clients"])
-            ax.errorbar(stats["num-clients"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=method)
+            ax.errorbar(stats["num-clients"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                        label=method, color=colors[method])
         merges = _merge_rows(here)
         for column, name in BASELINES.items():
             if column in merges and merges[column].notna().any():
                 stats = mean_and_std(merges.drop_duplicates(["num-clients", "cfg_seed", column]), column, ["num-clients"])
-                ax.plot(stats["num-clients"], stats["mean"], linestyle="--", marker=".", label=name)
+                ax.plot(stats["num-clients"], stats["mean"], linestyle="--", marker=".", label=name, color=colors[name])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(here["num-clients"].unique()), [str(n) for n in sorted(here["num-clients"].unique())])
         ax.set(title=setting, xlabel="clients", ylabel="global test accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[len(settings):]:
         ax.set_visible(False)
+    labels: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.suptitle("Merged model vs client count (solid: merge methods and FedAvg; dashed: baselines)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.5 / (4.2 * rows + 0.5), 1, 1))  # room for the legend below
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -101,7 +109,8 @@ def plot_merge_time(runs: pd.DataFrame, path: Path) -> Path:
     ax.set_yscale("log")
     ticks = sorted(merges["num-clients"].unique())
     ax.set_xticks(ticks, [str(n) for n in ticks])
-    ax.set(title="Merge time on the server (tree schedule)", xlabel="clients", ylabel="seconds")
+    workers = int(merges["cfg_merge-workers"].iloc[0]) if "cfg_merge-workers" in merges else 0
+    ax.set(title=f"Merge time on the server (tree schedule, {workers} parallel merges)", xlabel="clients", ylabel="seconds")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -166,7 +175,7 @@ def cost_table(runs: pd.DataFrame) -> str:
     for column in ("client-mean_weights-bytes", "client-mean_surrogate-bytes"):
         if column in table:
             table[column] = table[column] / 1024
-    return table.rename(columns=columns).round(1).to_markdown()
+    return table.rename(columns=columns).round(1).reset_index().rename(columns={"num-clients": "clients"}).to_markdown(index=False)
 
 
 def summary_markdown(runs: pd.DataFrame, figures: Iterable[Path]) -> str:

@@ -320,14 +320,14 @@ def test_performance_report_with_overhead_and_sweep_but_no_scaling(tmp_path):
     assert "## Merge time against client count" not in text
     assert "## Flower + Ray overhead" in text and "![overhead](overhead.png)" in text
     assert_png(results / "overhead.png")
-    overhead = markdown_cells(text.split("## Flower + Ray overhead", 1)[1].split("\n\n")[2])
-    in_process, two_at_once = "(4, 'in-process')", "(4, 'Flower, 2 client(s) at once')"
-    assert overhead[in_process, "wall (s)"] == "20" and overhead[in_process, "everything else"] == "7"
-    assert overhead[two_at_once, "client training"] == "4" and overhead[two_at_once, "everything else"] == "22"
-    assert overhead["(4, 'Flower, 1 client(s) at once')", "everything else"] == "0"
-    memory = markdown_cells(text.split("## Peak memory", 1)[1].split("\n\n")[2])
-    assert memory["('wm', 2)", "server peak RSS (MiB)"] == "950"  # the maximum over runs
-    assert memory["('fedavg', 2)", "client peak RSS (MiB)"] == "700"
+    overhead = {(r["num-clients"], r["backend"]): r for r in markdown_rows(text.split("## Flower + Ray overhead", 1)[1].split("\n\n")[2])}
+    in_process, two_at_once = overhead["4", "in-process"], overhead["4", "Flower, 2 client(s) at once"]
+    assert in_process["wall (s)"] == "20" and in_process["everything else"] == "7"
+    assert two_at_once["client training"] == "4" and two_at_once["everything else"] == "22"
+    assert overhead["4", "Flower, 1 client(s) at once"]["everything else"] == "0"
+    memory = {(r["sweep-method"], r["num-clients"]): r for r in markdown_rows(text.split("## Peak memory", 1)[1].split("\n\n")[2])}
+    assert memory["wm", "2"]["server peak RSS (MiB)"] == "950"  # the maximum over runs
+    assert memory["fedavg", "2"]["client peak RSS (MiB)"] == "700"
 
 
 def test_performance_report_without_inputs(tmp_path, capsys):
