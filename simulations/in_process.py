@@ -20,6 +20,18 @@ from simulations.server_app import make_strategy, template_model
 from strategies.messages import ClientUpdate
 
 
+def client_updates(settings: RunSettings, num_clients: int, server_round: int, start: dict[str, torch.Tensor] | None,
+                   want_surrogate: bool) -> list[ClientUpdate]:
+    """Every client's round (see :func:`simulations.client_app.client_work`), one after another, as the server
+    would read their replies (the partition id standing in for the node id)."""
+    device = default_device()
+    updates = []
+    for partition_id in range(num_clients):
+        work = client_work(settings, partition_id, server_round, start, want_surrogate, device)
+        updates.append(ClientUpdate(partition_id, partition_id, work.state, work.num_examples, work.surrogate, work.metrics))
+    return updates
+
+
 def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
     """Run ``settings.num_rounds`` rounds of the configured strategy over ``num_clients`` clients in this process."""
     template = template_model(settings)
@@ -31,10 +43,7 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
     merge_seconds = 0.0
     for server_round in range(1, settings.num_rounds + 1):
         start = global_state if strategy.clients_start_from_global else None
-        updates = []
-        for partition_id in range(num_clients):
-            work = client_work(settings, partition_id, server_round, start, strategy.want_surrogate, device)
-            updates.append(ClientUpdate(partition_id, partition_id, work.state, work.num_examples, work.surrogate, work.metrics))
+        updates = client_updates(settings, num_clients, server_round, start, strategy.want_surrogate)
         began = time.perf_counter()
         global_state = strategy.combine(updates)
         merge_seconds = time.perf_counter() - began

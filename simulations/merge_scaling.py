@@ -29,7 +29,7 @@ from fedmerge.device import default_device
 from fedmerge.federation import global_test_data
 from fedmerge.merge.functional import load_state
 from fedmerge.train import evaluate
-from simulations.client_app import client_work
+from simulations.in_process import client_updates
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
 from simulations.memory import peak_rss_mb
 from simulations.results_io import save_rows
@@ -47,12 +47,7 @@ WAYS = {"tree, parallel": ("tree", "ray"), "tree, sequential": ("tree", "sequent
 
 def client_nodes(settings: RunSettings, num_clients: int) -> list[MergeNode]:
     """The federation's trained clients (from the cache when there) as merge-tree leaves."""
-    device = default_device()
-    nodes = []
-    for partition_id in range(num_clients):
-        work = client_work(settings, partition_id, 1, None, True, device)
-        nodes.append(MergeNode(work.state, (partition_id,), work.num_examples, work.surrogate, ()))
-    return nodes
+    return [MergeNode.from_update(u) for u in client_updates(settings, num_clients, 1, None, want_surrogate=True)]
 
 
 def time_merge(settings: RunSettings, nodes: list[MergeNode], way: str, ray_runner: RayRunner) -> tuple[float, float]:

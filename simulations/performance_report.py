@@ -64,12 +64,12 @@ def backend_label(runs: pd.DataFrame) -> pd.Series:
 
 def overhead_section(runs: pd.DataFrame, figure: Path) -> list[str]:
     """Wall time of the same runs through Flower + Ray and in-process, split into parts, plus a stacked-bar plot."""
-    runs = runs.assign(backend=backend_label(runs))
+    runs = runs.copy().assign(backend=backend_label(runs))  # copy: one block, not one per column read
     parts = wall_time_parts(runs)
     table = pd.concat([runs[["num-clients", "backend", "sweep-seconds"]], parts], axis=1)
     table = table.groupby(["num-clients", "backend"]).mean().rename(columns={"sweep-seconds": "wall (s)", **PARTS})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"N={n}\n{b}" for n, b in table.index]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    labels = [f"N={n}\n" + b.replace(" client(s) at once", " at once").replace(", ", "\n") for n, b in table.index]
     bottom = pd.Series(0.0, index=table.index)
     for part in PARTS.values():
         ax.bar(labels, table[part], bottom=bottom, label=part)
