@@ -15,9 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from fedmerge.device import default_device
 from fedmerge.data.images import concat
-from fedmerge.device import derive_seed
+from fedmerge.device import default_device, derive_seed
 from fedmerge.federation import client_train_data, label_distribution
 from fedmerge.merge import Ensemble, train_from_scratch
 from fedmerge.merge.functional import load_state

@@ -40,8 +40,7 @@ class PermutationMerge(SortedFedAvg):
     merging of independently trained models). Federated evaluation is off by default (``fraction_evaluate=0``):
     evaluate the merged model on the server with ``evaluate_fn``. With ``finetune`` (a
     :class:`fedmerge.train.TrainConfig`), the merged model is then trained further on the union of the surrogates.
-    After a round, ``merge_steps`` lists the pairwise
-    merges besides what :class:`SortedFedAvg` records.
+    After a round, ``merge_steps`` lists the pairwise merges besides what :class:`SortedFedAvg` records.
     """
 
     def __init__(
