@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -42,8 +41,6 @@ from fedmerge.surrogate import SURROGATE_KINDS
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlinks
 from simulations.results_io import save_rows
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("flower", "in-process")
 SWEPT_KEYS = ("dataset", "split", "alpha", "strategy", "method", "num-rounds", "surrogate", "per-class", "seed",
@@ -152,8 +149,9 @@ def _split_problem(config: dict[str, ConfigValue], num_clients: int) -> str | No
     """Why this federation cannot be built (e.g. more disjoint clients than classes), or None."""
     try:
         spec = settings_from_run_config(config, num_clients).federation
-        if spec.split == "disjoint" and num_clients > global_test_data(spec).num_classes:
-            return f"a disjoint split needs a class per client, {spec.dataset} has {global_test_data(spec).num_classes}"
+        num_classes = global_test_data(spec).num_classes if spec.split == "disjoint" else num_clients
+        if num_clients > num_classes:
+            return f"a disjoint split needs a class per client, {spec.dataset} has {num_classes}"
     except ValueError as err:
         return str(err)
     return None
