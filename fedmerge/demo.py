@@ -17,12 +17,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from fedmerge.data import DATASET_NAMES, LabeledImages, PARTITION_KINDS, concat, load_dataset, make_partition
+from fedmerge.data import DATASET_NAMES, PARTITION_KINDS, LabeledImages, concat, load_dataset, make_partition
 from fedmerge.device import default_device, derive_seed
 from fedmerge.experiment import MethodRun, PairComparison, train_client
 from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.models import MODEL_NAMES, build_model
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig, build_surrogate
+from fedmerge.surrogate.build import require_surrogate
 from fedmerge.train import TrainConfig
 
 DEFAULT_RUNS = [
@@ -44,7 +45,11 @@ BASELINES = ("model-a", "model-b", "ensemble")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASET_NAMES)} or rmnist-<deg>")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: $FEDMERGE_DATA, else ./data or ../shared/data); not needed for digits")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset folder (default: $FEDMERGE_DATA, else ./data or ../shared/data); not needed for digits",
+    )
     p.add_argument("--split", default="disjoint", choices=PARTITION_KINDS)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (split=dirichlet)")
     p.add_argument("--model", default="mlp", choices=MODEL_NAMES)
@@ -54,8 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--ste-steps", type=int, default=200)
     p.add_argument("--np-steps", type=int, default=200)
-    p.add_argument("--methods", nargs="+", default=None, choices=[r.method for r in DEFAULT_RUNS if r.method not in BASELINES],
-                   help="merge methods and baselines to run besides the clients and their ensemble (default: all)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=[r.method for r in DEFAULT_RUNS if r.method not in BASELINES],
+        help="merge methods and baselines to run besides the clients and their ensemble (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -63,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def client_tests(test: LabeledImages, client_data: list[LabeledImages]) -> dict[str, LabeledImages]:
     """The global test set plus, per client, the test images of the classes that client holds."""
     tests = {"global": test}
-    for name, data in zip("AB", client_data):
+    for name, data in zip("AB", client_data, strict=True):
         classes = torch.nonzero(data.class_counts() > 0).flatten()
         tests[f"classes of {name}"] = test.subset(torch.nonzero(torch.isin(test.y, classes)).flatten())
     return tests
@@ -78,21 +88,38 @@ def main(argv: list[str] | None = None) -> None:
     train_data = load_dataset(args.dataset, train=True, root=args.data_root)
     test_data = load_dataset(args.dataset, train=False, root=args.data_root)
     parts = make_partition(args.split, train_data.y, 2, derive_seed(args.seed, "partition"), alpha=args.alpha)
-    clients_data = [train_data.subset(idx, name=f"client {n}") for idx, n in zip(parts, "AB")]
-    console.log(f"{args.dataset}: {len(train_data)} train / {len(test_data)} test images, {args.split} split -> "
-                f"{[len(d) for d in clients_data]} per client, device {device}")
+    clients_data = [train_data.subset(idx, name=f"client {n}") for idx, n in zip(parts, "AB", strict=True)]
+    console.log(
+        f"{args.dataset}: {len(train_data)} train / {len(test_data)} test images, {args.split} split -> "
+        f"{[len(d) for d in clients_data]} per client, device {device}"
+    )
     kwargs = {} if args.width is None else {"width": args.width}
     template = build_model(args.model, train_data.image_shape, train_data.num_classes, **kwargs)
     config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=64)
-    clients = [train_client(template, d, config, derive_seed(args.seed, "client", i), device, d.name) for i, d in enumerate(clients_data)]
+    clients = [
+        train_client(template, d, config, derive_seed(args.seed, "client", i), device, d.name)
+        for i, d in enumerate(clients_data)
+    ]
     surrogate_config = SurrogateConfig(kind=args.surrogate, per_class=args.per_class)
-    surrogate = concat([build_surrogate(d, surrogate_config, c.model, derive_seed(args.seed, "surrogate", i), device)
-                        for i, (d, c) in enumerate(zip(clients_data, clients))], name="surrogate")
+    surrogate = concat(
+        [
+            require_surrogate(
+                build_surrogate(d, surrogate_config, c.model, derive_seed(args.seed, "surrogate", i), device)
+            )
+            for i, (d, c) in enumerate(zip(clients_data, clients, strict=True))
+        ],
+        name="surrogate",
+    )
     console.log(f"surrogate: {len(surrogate)} {args.surrogate} images from both clients")
     comparison = PairComparison(
-        template, clients[0], clients[1], {"coreset": surrogate}, client_tests(test_data, clients_data),
+        template,
+        clients[0],
+        clients[1],
+        {"coreset": surrogate},
+        client_tests(test_data, clients_data),
         merge=MergeConfig(ste=STEConfig(steps=args.ste_steps), np=NPConfig(steps=args.np_steps), seed=args.seed),
-        lam=clients[1].num_samples / (clients[0].num_samples + clients[1].num_samples), device=device,
+        lam=clients[1].num_samples / (clients[0].num_samples + clients[1].num_samples),
+        device=device,
     )
     runs = [r for r in DEFAULT_RUNS if args.methods is None or r.method in args.methods or r.method in BASELINES]
     rows = [comparison.run(r) for r in runs]

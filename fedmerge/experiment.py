@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -14,7 +15,8 @@ from torch import nn
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.baselines import Ensemble, fine_tune, train_from_scratch
 from fedmerge.merge.functional import load_state
-from fedmerge.merge.pairwise import MergeConfig, merge_pair
+from fedmerge.merge.methods import MethodName
+from fedmerge.merge.pairwise import Correction, MergeConfig, merge_pair
 from fedmerge.models.registry import reinitialized_copy
 from fedmerge.train import TrainConfig, evaluate, train
 
@@ -31,7 +33,7 @@ class MethodRun:
     label: str
     method: str
     surrogate: str | None = "coreset"
-    correction: str = "auto"
+    correction: Correction = "auto"
 
 
 @dataclass
@@ -44,7 +46,9 @@ class ClientModel:
     seconds: float
 
 
-def train_client(template: nn.Module, data: LabeledImages, config: TrainConfig, seed: int, device: torch.device | str, name: str) -> ClientModel:
+def train_client(
+    template: nn.Module, data: LabeledImages, config: TrainConfig, seed: int, device: torch.device | str, name: str
+) -> ClientModel:
     """Train a fresh copy of ``template`` (re-initialised with ``seed``) on one client's data."""
     model = reinitialized_copy(template, seed)
     start = time.perf_counter()
@@ -52,7 +56,9 @@ def train_client(template: nn.Module, data: LabeledImages, config: TrainConfig, 
     return ClientModel(name, model.cpu(), len(data), time.perf_counter() - start)
 
 
-def accuracies(model: nn.Module, tests: dict[str, LabeledImages], device: torch.device | str = "cpu") -> dict[str, float]:
+def accuracies(
+    model: nn.Module, tests: dict[str, LabeledImages], device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Accuracy (%) of ``model`` on every named test set."""
     return {name: evaluate(model, data, device=device) for name, data in tests.items()}
 
@@ -76,7 +82,12 @@ class PairComparison:
         start = time.perf_counter()
         model = self._build(method)
         seconds = time.perf_counter() - start
-        row = {"label": method.label, "method": method.method, "surrogate": method.surrogate or "", "seconds": round(seconds, 3)}
+        row = {
+            "label": method.label,
+            "method": method.method,
+            "surrogate": method.surrogate or "",
+            "seconds": round(seconds, 3),
+        }
         row |= {f"acc_{name}": round(acc, 2) for name, acc in accuracies(model, self.tests, self.device).items()}
         return row
 
@@ -97,9 +108,12 @@ class PairComparison:
         if method.method == "ensemble":
             return Ensemble([a, b], [1 - self.lam, self.lam])
         if method.method == "scratch":
-            return train_from_scratch(self.template, _require(data, method), self.finetune, self.merge.seed, self.device)
+            return train_from_scratch(
+                self.template, _require(data, method), self.finetune, self.merge.seed, self.device
+            )
         finetuned = method.method == "ste+finetune"
-        config = replace(self.merge, method="ste" if finetuned else method.method, correction=method.correction)
+        name = cast(MethodName, "ste" if finetuned else method.method)
+        config = replace(self.merge, method=name, correction=method.correction)
         result = merge_pair(self.template, a.state_dict(), b.state_dict(), data, self.lam, config, self.device)
         merged = load_state(self.template, result.state)
         if finetuned:

@@ -63,7 +63,9 @@ class FederationSpec:
                 f"for {self.num_clients} clients"
             )
         if self.split != "domain" and len(names) != 1:
-            raise ValueError(f"split {self.split!r} divides one dataset, got {self.dataset!r} (a list is for split 'domain')")
+            raise ValueError(
+                f"split {self.split!r} divides one dataset, got {self.dataset!r} (a list is for split 'domain')"
+            )
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -88,8 +90,13 @@ def _partitions(spec: FederationSpec) -> tuple[torch.Tensor, ...]:
     """Index tensors into the train split, one per client (partitioned splits only)."""
     (train,) = _datasets(spec.datasets, True, spec.data_root)
     parts = make_partition(
-        spec.split, train.y, spec.num_clients, derive_seed(spec.seed, "partition"),
-        alpha=spec.alpha, min_size=spec.min_size, num_classes=train.num_classes,
+        spec.split,
+        train.y,
+        spec.num_clients,
+        derive_seed(spec.seed, "partition"),
+        alpha=spec.alpha,
+        min_size=spec.min_size,
+        num_classes=train.num_classes,
     )
     return tuple(parts)
 
@@ -98,7 +105,9 @@ def _check_partition_id(spec: FederationSpec, partition_id: int) -> int:
     if isinstance(partition_id, bool) or not isinstance(partition_id, int):
         raise TypeError(f"partition id must be an integer, got {partition_id!r}")
     if not 0 <= partition_id < spec.num_clients:
-        raise IndexError(f"partition id {partition_id} is out of range for {spec.num_clients} clients (0..{spec.num_clients - 1})")
+        raise IndexError(
+            f"partition id {partition_id} is out of range for {spec.num_clients} clients (0..{spec.num_clients - 1})"
+        )
     return partition_id
 
 
@@ -159,12 +168,16 @@ def class_weighted_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_we
     return 100.0 * float((weights * per_class).sum() / weights.sum())
 
 
-def client_accuracy(model: nn.Module, test: LabeledImages, class_weights: torch.Tensor, device: torch.device | str = "cpu") -> float:
+def client_accuracy(
+    model: nn.Module, test: LabeledImages, class_weights: torch.Tensor, device: torch.device | str = "cpu"
+) -> float:
     """Accuracy (%) of ``model`` on ``test`` reweighted to a client's label distribution ``class_weights``.
 
     With the client's :func:`label_distribution` this is its "own domain" accuracy: on its own classes for
     disjoint labels, on its own domain's test split (from :func:`client_test_data`) for domain splits.
     """
     if len(class_weights) != test.num_classes:
-        raise ValueError(f"class_weights has {len(class_weights)} entries for {test.num_classes} classes ({test.name or 'test set'})")
+        raise ValueError(
+            f"class_weights has {len(class_weights)} entries for {test.num_classes} classes ({test.name or 'test set'})"
+        )
     return class_weighted_accuracy(predict_logits(model, test, device=device), test.y, class_weights)

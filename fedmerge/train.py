@@ -103,12 +103,21 @@ def train(
 ) -> nn.Module:
     """Train ``model`` in place on ``data`` with cross-entropy and return it (in eval mode)."""
     model.to(device).train()
-    fit(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), data.to(device), config, seed, description=description)
+    fit(
+        model.parameters(),
+        lambda x, y: F.cross_entropy(model(x), y),
+        data.to(device),
+        config,
+        seed,
+        description=description,
+    )
     return model.eval()
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: LabeledImages, batch_size: int = 1024, device: torch.device | str = "cpu") -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, data: LabeledImages, batch_size: int = 1024, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Logits of ``model`` on every image of ``data`` (in order), on the CPU."""
     model.to(device).eval()
     out = [model(x.to(device)).cpu() for x, _ in batches(data, batch_size, shuffle=False)]

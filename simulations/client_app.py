@@ -41,6 +41,7 @@ from strategies.messages import (
     INIT_FROM_GLOBAL,
     SERVER_ROUND,
     WANT_SURROGATE,
+    MetricValue,
     client_reply,
 )
 
@@ -55,12 +56,20 @@ def node_partition(node_config: Mapping[str, object]) -> tuple[int, int]:
     if missing:
         raise ValueError(f"node config lacks {missing} (Flower's simulation engine sets both), got {dict(node_config)}")
     partition_id, num_partitions = node_config["partition-id"], node_config["num-partitions"]
-    if not isinstance(partition_id, int) or not isinstance(num_partitions, int) or not 0 <= partition_id < num_partitions:
-        raise ValueError(f"node config: need 0 <= partition-id < num-partitions, got {partition_id!r} and {num_partitions!r}")
+    if (
+        not isinstance(partition_id, int)
+        or not isinstance(num_partitions, int)
+        or not 0 <= partition_id < num_partitions
+    ):
+        raise ValueError(
+            f"node config: need 0 <= partition-id < num-partitions, got {partition_id!r} and {num_partitions!r}"
+        )
     return partition_id, num_partitions
 
 
-def initial_model(settings: RunSettings, data: LabeledImages, partition_id: int, received: Mapping[str, torch.Tensor] | None) -> nn.Module:
+def initial_model(
+    settings: RunSettings, data: LabeledImages, partition_id: int, received: Mapping[str, torch.Tensor] | None
+) -> nn.Module:
     """The model local training starts from: the ``received`` weights, or when None the client's own
     initialisation (seeded by the run seed and partition id, so the same in every round)."""
     model = build_model(settings.model, data.image_shape, data.num_classes, settings.width)
@@ -69,24 +78,49 @@ def initial_model(settings: RunSettings, data: LabeledImages, partition_id: int,
     try:
         model.load_state_dict(dict(received))
     except RuntimeError as err:
-        raise ValueError(f"the received weights do not fit model {settings.model!r} (width {settings.width}): {err}") from err
+        raise ValueError(
+            f"the received weights do not fit model {settings.model!r} (width {settings.width}): {err}"
+        ) from err
     return model
 
 
-def local_training(model: nn.Module, data: LabeledImages, settings: RunSettings, partition_id: int, server_round: int,
-                   device: torch.device | str = "cpu") -> float:
+def local_training(
+    model: nn.Module,
+    data: LabeledImages,
+    settings: RunSettings,
+    partition_id: int,
+    server_round: int,
+    device: torch.device | str = "cpu",
+) -> float:
     """Train ``model`` in place on the client's ``data``; return the wall time in seconds."""
     start = time.perf_counter()
-    train_model(model, data, settings.train, seed=derive_seed(settings.seed, "client-train", partition_id, server_round),
-                device=device, description=f"client {partition_id}, round {server_round}")
+    train_model(
+        model,
+        data,
+        settings.train,
+        seed=derive_seed(settings.seed, "client-train", partition_id, server_round),
+        device=device,
+        description=f"client {partition_id}, round {server_round}",
+    )
     return time.perf_counter() - start
 
 
-def make_surrogate(model: nn.Module, data: LabeledImages, settings: RunSettings, partition_id: int, server_round: int,
-                   device: torch.device | str = "cpu") -> tuple[LabeledImages | None, float]:
-    """The client's surrogate of ``data`` (None for kind "none") built with its trained ``model``, and the seconds taken."""
+def make_surrogate(
+    model: nn.Module,
+    data: LabeledImages,
+    settings: RunSettings,
+    partition_id: int,
+    server_round: int,
+    device: torch.device | str = "cpu",
+) -> tuple[LabeledImages | None, float]:
+    """The client's surrogate of ``data`` (None for kind "none") built with its trained ``model``.
+
+    Returns the surrogate and the seconds taken.
+    """
     start = time.perf_counter()
-    surrogate = build_surrogate(data, settings.surrogate, model, derive_seed(settings.seed, "surrogate", partition_id, server_round), device)
+    surrogate = build_surrogate(
+        data, settings.surrogate, model, derive_seed(settings.seed, "surrogate", partition_id, server_round), device
+    )
     return surrogate, time.perf_counter() - start
 
 
@@ -112,18 +146,30 @@ class ClientWork:
     state: dict[str, torch.Tensor]
     num_examples: int
     surrogate: LabeledImages | None
-    metrics: dict[str, float]
+    metrics: dict[str, MetricValue]
 
 
-def _trained_client(settings: RunSettings, data: LabeledImages, partition_id: int, server_round: int,
-                    received: Mapping[str, torch.Tensor] | None, device: torch.device | str) -> tuple[nn.Module, TrainedClient]:
+def _trained_client(
+    settings: RunSettings,
+    data: LabeledImages,
+    partition_id: int,
+    server_round: int,
+    received: Mapping[str, torch.Tensor] | None,
+    device: torch.device | str,
+) -> tuple[nn.Module, TrainedClient]:
     model = initial_model(settings, data, partition_id, received)
     seconds = local_training(model, data, settings, partition_id, server_round, device)
     return model, TrainedClient(model.state_dict(), seconds, evaluate(model, data, device=device))
 
 
-def client_work(settings: RunSettings, partition_id: int, server_round: int, received: Mapping[str, torch.Tensor] | None,
-                want_surrogate: bool, device: torch.device | str = "cpu") -> ClientWork:
+def client_work(
+    settings: RunSettings,
+    partition_id: int,
+    server_round: int,
+    received: Mapping[str, torch.Tensor] | None,
+    want_surrogate: bool,
+    device: torch.device | str = "cpu",
+) -> ClientWork:
     """One client's round without Flower: train from ``received`` (None: own initialisation), build the surrogate
     when wanted, and measure. With ``settings.client_cache`` set, a model or surrogate trained before with the same
     settings is loaded instead, and its metrics report the seconds it took when it was made (``cached`` = 1)."""
@@ -136,29 +182,39 @@ def client_work(settings: RunSettings, partition_id: int, server_round: int, rec
         model, trained = _trained_client(settings, data, partition_id, server_round, received, device)
         if cache:
             cache.save_model(key, trained)
-    surrogate = None
+    surrogate: LabeledImages | None = None
+    surrogate_seconds = 0.0
     if want_surrogate and settings.surrogate.kind != "none":
         surrogate_cache_key = surrogate_key(key, settings.surrogate) if cache else ""
         built = cache.load_surrogate(surrogate_cache_key) if cache else None
         cached = cached and built is not None
         if built is None:
             model = model or initial_model(settings, data, partition_id, trained.state)
-            built = BuiltSurrogate(*make_surrogate(model, data, settings, partition_id, server_round, device))
-            if cache:
+            made, seconds = make_surrogate(model, data, settings, partition_id, server_round, device)
+            built = BuiltSurrogate(made, seconds) if made is not None else None
+            if cache and built is not None:
                 cache.save_surrogate(surrogate_cache_key, built)
-        surrogate = built.data
-    metrics = {
+        if built is not None:
+            surrogate, surrogate_seconds = built.data, built.seconds
+    metrics: dict[str, MetricValue] = {
         "train-accuracy": trained.train_accuracy,
         "train-seconds": trained.train_seconds,
-        "surrogate-seconds": built.seconds if surrogate is not None else 0.0,
+        "surrogate-seconds": surrogate_seconds,
         "weights-bytes": tensor_bytes(trained.state.values()),
         "surrogate-bytes": tensor_bytes([surrogate.x, surrogate.y]) if surrogate is not None else 0,
         "cached": int(cached),
         "peak-rss-mb": peak_rss_mb(),
     }
-    log.info("client %d, round %d: %d examples, train accuracy %.1f%% in %.1f s%s, surrogate %s", partition_id,
-             server_round, len(data), trained.train_accuracy, trained.train_seconds, " (cached)" if cached else "",
-             f"{len(surrogate)} images" if surrogate is not None else "none")
+    log.info(
+        "client %d, round %d: %d examples, train accuracy %.1f%% in %.1f s%s, surrogate %s",
+        partition_id,
+        server_round,
+        len(data),
+        trained.train_accuracy,
+        trained.train_seconds,
+        " (cached)" if cached else "",
+        f"{len(surrogate)} images" if surrogate is not None else "none",
+    )
     return ClientWork(trained.state, len(data), surrogate, metrics)
 
 
@@ -169,6 +225,12 @@ def train(msg: Message, context: Context) -> Message:
     settings = settings_from_run_config(context.run_config, num_partitions)
     config = _server_config(msg)
     received = _received_state(msg) if bool(config.get(INIT_FROM_GLOBAL, True)) else None
-    work = client_work(settings, partition_id, int(config.get(SERVER_ROUND, 1)), received,
-                       bool(config.get(WANT_SURROGATE, False)), default_device())
+    work = client_work(
+        settings,
+        partition_id,
+        int(str(config.get(SERVER_ROUND, 1))),
+        received,
+        bool(config.get(WANT_SURROGATE, False)),
+        default_device(),
+    )
     return client_reply(msg, work.state, work.num_examples, partition_id, work.surrogate, work.metrics)

@@ -42,16 +42,25 @@ def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def model_key(settings: RunSettings, partition_id: int, server_round: int, start: Mapping[str, torch.Tensor] | None) -> str:
+def model_key(
+    settings: RunSettings, partition_id: int, server_round: int, start: Mapping[str, torch.Tensor] | None
+) -> str:
     """The cache key of the model client ``partition_id`` trains in ``server_round`` from ``start`` (None: its own
     seeded initialisation)."""
-    return _hash({
-        "format": CACHE_FORMAT, "torch": torch.__version__,
-        "federation": dataclasses.asdict(settings.federation) | {"data_root": None},  # where files are is no result
-        "model": settings.model, "width": settings.width,
-        "train": dataclasses.asdict(settings.train), "seed": settings.seed, "partition": partition_id,
-        "round": server_round, "start": "own-init" if start is None else state_digest(start),
-    })
+    return _hash(
+        {
+            "format": CACHE_FORMAT,
+            "torch": torch.__version__,
+            "federation": dataclasses.asdict(settings.federation) | {"data_root": None},  # where files are is no result
+            "model": settings.model,
+            "width": settings.width,
+            "train": dataclasses.asdict(settings.train),
+            "seed": settings.seed,
+            "partition": partition_id,
+            "round": server_round,
+            "start": "own-init" if start is None else state_digest(start),
+        }
+    )
 
 
 def surrogate_key(model_cache_key: str, surrogate: SurrogateConfig) -> str:
@@ -114,8 +123,11 @@ class ClientCache:
     def save_model(self, key: str, client: TrainedClient) -> None:
         """Cache a trained client model under ``key``."""
         state = {name: tensor.detach().cpu().clone() for name, tensor in client.state.items()}
-        self._save("models", key, {"state": state, "train_seconds": client.train_seconds,
-                                   "train_accuracy": client.train_accuracy})
+        self._save(
+            "models",
+            key,
+            {"state": state, "train_seconds": client.train_seconds, "train_accuracy": client.train_accuracy},
+        )
 
     def load_surrogate(self, key: str) -> BuiltSurrogate | None:
         """The surrogate cached under ``key``, or None."""
@@ -128,5 +140,14 @@ class ClientCache:
     def save_surrogate(self, key: str, surrogate: BuiltSurrogate) -> None:
         """Cache a built surrogate under ``key``."""
         data = surrogate.data
-        self._save("surrogates", key, {"x": data.x.detach().cpu(), "y": data.y.detach().cpu(),
-                                       "num_classes": data.num_classes, "name": data.name, "seconds": surrogate.seconds})
+        self._save(
+            "surrogates",
+            key,
+            {
+                "x": data.x.detach().cpu(),
+                "y": data.y.detach().cpu(),
+                "num_classes": data.num_classes,
+                "name": data.name,
+                "seconds": surrogate.seconds,
+            },
+        )

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from fedmerge.federation import SPLITS, FederationSpec
 from fedmerge.merge import CORRECTIONS, METHODS, MergeConfig, NPConfig, STEConfig
+from fedmerge.merge.methods import MethodName
+from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
 from fedmerge.train import TrainConfig
-from strategies.schedule import SCHEDULES
+from strategies.schedule import SCHEDULES, Schedule
 
 STRATEGIES: tuple[str, ...] = ("merge", "fedavg")
 """Server strategies: merge the clients' models pairwise, or Flower's FedAvg."""
@@ -40,13 +43,21 @@ class _Key:
         """``value`` if it is valid for this key (ints accepted for float keys); ValueError naming ``key``."""
         allowed = (int, float) if self.kind is float else (self.kind,)
         if isinstance(value, bool) is not (self.kind is bool) or not isinstance(value, allowed):
-            raise ValueError(f"run config {key!r} must be {_TYPE_NAMES[self.kind]}, got {value!r} ({type(value).__name__})")
+            raise ValueError(
+                f"run config {key!r} must be {_TYPE_NAMES[self.kind]}, got {value!r} ({type(value).__name__})"
+            )
         if self.choices and value not in self.choices:
             raise ValueError(f"run config {key!r} must be one of {', '.join(self.choices)}, got {value!r}")
-        if self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum):
+        checked = cast(ConfigValue, value)
+        too_small = (
+            self.minimum is not None
+            and isinstance(checked, (int, float))
+            and (checked <= self.minimum if self.exclusive else checked < self.minimum)
+        )
+        if too_small:
             bound = f"> {self.minimum}" if self.exclusive else f">= {self.minimum}"
             raise ValueError(f"run config {key!r} must be {bound}, got {value!r}")
-        return float(value) if self.kind is float else value
+        return float(checked) if self.kind is float else checked
 
 
 _KEYS: dict[str, _Key] = {
@@ -103,9 +114,9 @@ class RunSettings:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.05, batch_size=64))
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     strategy: str = "merge"
-    method: str = "ste"
-    schedule: str = "tree"
-    correction: str = "auto"
+    method: MethodName = "ste"
+    schedule: Schedule = "tree"
+    correction: Correction = "auto"
     ste_steps: int = 200
     np_steps: int = 200
     num_rounds: int = 1
@@ -126,8 +137,11 @@ class RunSettings:
     def merge_config(self) -> MergeConfig:
         """The pairwise merge the server runs."""
         return MergeConfig(
-            method=self.method, correction=self.correction, ste=STEConfig(steps=self.ste_steps),
-            np=NPConfig(steps=self.np_steps), seed=self.seed,
+            method=self.method,
+            correction=self.correction,
+            ste=STEConfig(steps=self.ste_steps),
+            np=NPConfig(steps=self.np_steps),
+            seed=self.seed,
         )
 
 
@@ -142,8 +156,12 @@ def _checked(run_config: Mapping[str, object]) -> dict[str, ConfigValue]:
 def _federation(values: Mapping[str, ConfigValue], num_clients: int) -> FederationSpec:
     try:
         return FederationSpec(
-            dataset=str(values["dataset"]), split=str(values["split"]), num_clients=num_clients,
-            alpha=float(values["alpha"]), min_size=int(values["min-size"]), seed=int(values["seed"]),
+            dataset=str(values["dataset"]),
+            split=str(values["split"]),
+            num_clients=num_clients,
+            alpha=float(values["alpha"]),
+            min_size=int(values["min-size"]),
+            seed=int(values["seed"]),
             data_root=str(values["data-root"]) or None,
         )
     except ValueError as err:
@@ -154,20 +172,24 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
     """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
     values = _checked(run_config)
     if values["model"] == "mlp" and values["width"] != int(values["width"]):
-        raise ValueError(f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}")
+        raise ValueError(
+            f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}"
+        )
     return RunSettings(
         federation=_federation(values, num_clients),
         model=str(values["model"]),
         width=float(values["width"]) or None,
         train=TrainConfig(
-            epochs=int(values["epochs"]), lr=float(values["lr"]), batch_size=int(values["batch-size"]),
+            epochs=int(values["epochs"]),
+            lr=float(values["lr"]),
+            batch_size=int(values["batch-size"]),
             optimizer=str(values["optimizer"]),
         ),
         surrogate=SurrogateConfig(kind=str(values["surrogate"]), per_class=int(values["per-class"])),
         strategy=str(values["strategy"]),
-        method=str(values["method"]),
-        schedule=str(values["schedule"]),
-        correction=str(values["correction"]),
+        method=cast(MethodName, values["method"]),
+        schedule=cast(Schedule, values["schedule"]),
+        correction=cast(Correction, values["correction"]),
         ste_steps=int(values["ste-steps"]),
         np_steps=int(values["np-steps"]),
         num_rounds=int(values["num-rounds"]),

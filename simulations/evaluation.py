@@ -45,5 +45,7 @@ def scores(model: nn.Module, tests: ScoringData, device: torch.device | str = "c
         else:
             result[f"client{k}"] = class_weighted_accuracy(predict_logits(model, own, device=device), own.y, weights)
     if tests.label_distributions:
-        result["clients-mean"] = sum(result[f"client{k}"] for k in tests.label_distributions) / len(tests.label_distributions)
+        result["clients-mean"] = sum(result[f"client{k}"] for k in tests.label_distributions) / len(
+            tests.label_distributions
+        )
     return result

@@ -6,6 +6,7 @@ it afterwards; it exits 0 even when the run fails, so callers check the files a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,7 +25,9 @@ def flwr_executable() -> Path:
     """The ``flwr`` CLI installed next to this Python; FileNotFoundError when absent."""
     path = Path(sys.executable).with_name("flwr")
     if not path.exists():
-        raise FileNotFoundError(f"the flwr command is not installed next to {sys.executable} (pip install 'flwr[simulation]')")
+        raise FileNotFoundError(
+            f"the flwr command is not installed next to {sys.executable} (pip install 'flwr[simulation]')"
+        )
     return path
 
 
@@ -56,14 +59,27 @@ def flower_environment(flwr_home: Path, threads: int = 1) -> dict[str, str]:
     }
 
 
-def flwr_run_command(run_config: Mapping[str, object], num_supernodes: int, client_cpus: float = 1.0,
-                     client_gpus: float = 0.0, project: Path = PROJECT) -> list[str]:
+def flwr_run_command(
+    run_config: Mapping[str, object],
+    num_supernodes: int,
+    client_cpus: float = 1.0,
+    client_gpus: float = 0.0,
+    project: Path = PROJECT,
+) -> list[str]:
     """The ``flwr run`` command that simulates ``num_supernodes`` clients with ``run_config``."""
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus:g}"
     if client_gpus > 0:
         federation += f" client-resources-num-gpus={client_gpus:g}"
-    return [str(flwr_executable()), "run", str(project), "--stream", "--run-config", run_config_argument(run_config),
-            "--federation-config", federation]
+    return [
+        str(flwr_executable()),
+        "run",
+        str(project),
+        "--stream",
+        "--run-config",
+        run_config_argument(run_config),
+        "--federation-config",
+        federation,
+    ]
 
 
 def default_client_gpus() -> float:
@@ -90,17 +106,23 @@ def stop_superlinks(flwr_home: Path, timeout: float = 20.0) -> None:
     """Stop the SuperLinks using ``flwr_home`` with their whole process group (the simulation and its Ray workers)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in superlink_pids(flwr_home):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + timeout
         while superlink_pids(flwr_home) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 
-def flwr_run(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path, log_path: Path, timeout: float,
-             cwd: Path | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0) -> bool:
+def flwr_run(
+    run_config: Mapping[str, object],
+    num_supernodes: int,
+    flwr_home: Path,
+    log_path: Path,
+    timeout: float,
+    cwd: Path | None = None,
+    client_cpus: float = 1.0,
+    client_gpus: float = 0.0,
+) -> bool:
     """Run the app once with ``flwr run --stream`` from ``cwd`` (default: this process's working directory, which
     becomes the SuperLink's when it starts it: relative paths such as the default data folders resolve there), its
     output going to ``log_path``. False when the command failed or ran past ``timeout`` seconds (the SuperLink,
@@ -109,8 +131,15 @@ def flwr_run(run_config: Mapping[str, object], num_supernodes: int, flwr_home: P
     command = flwr_run_command(run_config, num_supernodes, client_cpus, client_gpus)
     with log_path.open("w") as log_file:
         try:
-            finished = subprocess.run(command, cwd=cwd or Path.cwd(), env=flower_environment(flwr_home),
-                                      stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            finished = subprocess.run(
+                command,
+                cwd=cwd or Path.cwd(),
+                env=flower_environment(flwr_home),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             log_file.write(f"\n[fedmerge] flwr run ran past {timeout:.0f} s: stopping the SuperLink\n")
             stop_superlinks(flwr_home)

@@ -20,15 +20,22 @@ from simulations.server_app import make_strategy, template_model
 from strategies.messages import ClientUpdate
 
 
-def client_updates(settings: RunSettings, num_clients: int, server_round: int, start: dict[str, torch.Tensor] | None,
-                   want_surrogate: bool) -> list[ClientUpdate]:
+def client_updates(
+    settings: RunSettings,
+    num_clients: int,
+    server_round: int,
+    start: dict[str, torch.Tensor] | None,
+    want_surrogate: bool,
+) -> list[ClientUpdate]:
     """Every client's round (see :func:`simulations.client_app.client_work`), one after another, as the server
     would read their replies (the partition id standing in for the node id)."""
     device = default_device()
     updates = []
     for partition_id in range(num_clients):
         work = client_work(settings, partition_id, server_round, start, want_surrogate, device)
-        updates.append(ClientUpdate(partition_id, partition_id, work.state, work.num_examples, work.surrogate, work.metrics))
+        updates.append(
+            ClientUpdate(partition_id, partition_id, work.state, work.num_examples, work.surrogate, work.metrics)
+        )
     return updates
 
 
@@ -58,4 +65,6 @@ def run_in_process(run_config: Mapping[str, object], num_clients: int) -> dict:
     settings = settings_from_run_config(run_config, num_clients)
     seed_everything(settings.seed)
     outcome = federate_in_process(settings, num_clients)
-    return finish_run(settings, DEFAULT_RUN_CONFIG | dict(run_config), 0, num_clients, outcome, time.perf_counter() - started)
+    return finish_run(
+        settings, DEFAULT_RUN_CONFIG | dict(run_config), 0, num_clients, outcome, time.perf_counter() - started
+    )

@@ -29,20 +29,23 @@ from fedmerge.device import default_device
 from fedmerge.federation import global_test_data
 from fedmerge.merge.functional import load_state
 from fedmerge.train import evaluate
-from simulations.in_process import client_updates
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
+from simulations.in_process import client_updates
 from simulations.memory import peak_rss_mb
 from simulations.results_io import save_rows
 from simulations.server_app import template_model
 from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
 from strategies import RayRunner, SequentialRunner
-from strategies.schedule import MergeNode, run_schedule
+from strategies.schedule import MergeNode, Schedule, run_schedule
 
 matplotlib.use("Agg")  # files only, no display
 
-WAYS = {"tree, parallel": ("tree", "ray"), "tree, sequential": ("tree", "sequential"),
-        "all-to-one": ("all-to-one", "sequential")}
+WAYS: dict[str, tuple[Schedule, str]] = {
+    "tree, parallel": ("tree", "ray"),
+    "tree, sequential": ("tree", "sequential"),
+    "all-to-one": ("all-to-one", "sequential"),
+}
 
 
 def client_nodes(settings: RunSettings, num_clients: int) -> list[MergeNode]:
@@ -58,7 +61,9 @@ def time_merge(settings: RunSettings, nodes: list[MergeNode], way: str, ray_runn
     started = time.perf_counter()
     merged, _ = run_schedule(schedule, template, nodes, settings.merge_config(), runner)
     seconds = time.perf_counter() - started
-    return seconds, evaluate(load_state(template, merged.state), global_test_data(settings.federation), device=default_device())
+    return seconds, evaluate(
+        load_state(template, merged.state), global_test_data(settings.federation), device=default_device()
+    )
 
 
 def read_rows(csv_path: Path) -> pd.DataFrame:
@@ -70,15 +75,20 @@ def read_rows(csv_path: Path) -> pd.DataFrame:
 
 def warm_up(settings: RunSettings, nodes: list[MergeNode], ray_runner: RayRunner) -> None:
     """One untimed data-free parallel level, so that every Ray worker has imported torch and this project."""
-    pairs = [MergeNode(n.state, (i,), n.num_examples, n.surrogate) for i, n in enumerate((nodes * ray_runner.workers * 2)[:2 * ray_runner.workers])]
-    run_schedule("tree", template_model(settings), pairs, dataclasses.replace(settings.merge_config(), method="wm"), ray_runner)
+    pairs = [
+        MergeNode(n.state, (i,), n.num_examples, n.surrogate)
+        for i, n in enumerate((nodes * ray_runner.workers * 2)[: 2 * ray_runner.workers])
+    ]
+    run_schedule(
+        "tree", template_model(settings), pairs, dataclasses.replace(settings.merge_config(), method="wm"), ray_runner
+    )
 
 
 def plot(rows: pd.DataFrame, path: Path) -> Path:
     """Merge seconds against client count, one line per way, a panel per method."""
     methods = sorted(rows["method"].unique())
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=True):
         here = rows[rows["method"] == method]
         for way in WAYS:
             line = here[here["way"] == way].groupby("num-clients")["merge-seconds"].mean()
@@ -115,13 +125,26 @@ def main(argv: Iterable[str] | None = None) -> int:
     warmed = False
     for num_clients in args.clients:
         for method in args.methods:
-            run_config = DEFAULT_RUN_CONFIG | dict(args.overrides) | {
-                "dataset": args.dataset, "split": args.split, "method": method, "client-cache": str(args.cache.resolve())}
+            run_config = (
+                DEFAULT_RUN_CONFIG
+                | dict(args.overrides)
+                | {
+                    "dataset": args.dataset,
+                    "split": args.split,
+                    "method": method,
+                    "client-cache": str(args.cache.resolve()),
+                }
+            )
             cfg = " ".join(f"{k}={v}" for k, v in sorted(dict(args.overrides).items()))
             settings = settings_from_run_config(run_config, num_clients)
             nodes = None
             for way in WAYS:
-                finished = done[(done["num-clients"] == num_clients) & (done["method"] == method) & (done["way"] == way) & (done["cfg"] == cfg)]
+                finished = done[
+                    (done["num-clients"] == num_clients)
+                    & (done["method"] == method)
+                    & (done["way"] == way)
+                    & (done["cfg"] == cfg)
+                ]
                 if len(finished):
                     continue
                 if nodes is None:
@@ -130,9 +153,18 @@ def main(argv: Iterable[str] | None = None) -> int:
                         warm_up(settings, nodes, ray_runner)
                         warmed = True
                 seconds, accuracy = time_merge(settings, nodes, way, ray_runner)
-                row = {"dataset": args.dataset, "split": args.split, "num-clients": num_clients, "method": method, "way": way,
-                       "workers": args.workers if WAYS[way][1] == "ray" else 1, "merge-seconds": round(seconds, 2),
-                       "acc_merged_global": round(accuracy, 2), "peak-rss-mb": round(peak_rss_mb(), 1), "cfg": cfg}
+                row = {
+                    "dataset": args.dataset,
+                    "split": args.split,
+                    "num-clients": num_clients,
+                    "method": method,
+                    "way": way,
+                    "workers": args.workers if WAYS[way][1] == "ray" else 1,
+                    "merge-seconds": round(seconds, 2),
+                    "acc_merged_global": round(accuracy, 2),
+                    "peak-rss-mb": round(peak_rss_mb(), 1),
+                    "cfg": cfg,
+                }
                 save_rows(csv_path, [row | {f"version_{k}": v for k, v in package_versions().items()}])
                 done = read_rows(csv_path)
                 console.log(f"N={num_clients} {method} {way}: {seconds:.1f} s, merged {accuracy:.1f}%")

@@ -27,13 +27,21 @@ PARTS = {"train": "client training", "surrogate": "surrogates", "merge": "merge"
 def scaling_section(scaling: pd.DataFrame) -> list[str]:
     """Merge seconds per client count and way, and the speed-up of the parallel tree over the sequential one."""
     lines = ["## Merge time against client count", ""]
-    for (dataset, split, cfg, method), here in scaling.fillna({"cfg": ""}).groupby(["dataset", "split", "cfg", "method"]):
+    for (dataset, split, cfg, method), here in scaling.fillna({"cfg": ""}).groupby(
+        ["dataset", "split", "cfg", "method"]
+    ):
         table = here.pivot_table(index="num-clients", columns="way", values="merge-seconds", aggfunc="mean")
         if {"tree, parallel", "tree, sequential"} <= set(table.columns):
             table["parallel speed-up"] = table["tree, sequential"] / table["tree, parallel"]
         accuracy = here.pivot_table(index="num-clients", columns="way", values="acc_merged_global", aggfunc="mean")
-        lines += [f"### {method}, {dataset} {split} {cfg} (seconds; merged accuracy % in the second table)", "", table.round(2).to_markdown(), "",
-                  accuracy.round(1).to_markdown(), ""]
+        lines += [
+            f"### {method}, {dataset} {split} {cfg} (seconds; merged accuracy % in the second table)",
+            "",
+            table.round(2).to_markdown(),
+            "",
+            accuracy.round(1).to_markdown(),
+            "",
+        ]
     lines += ["![merge scaling](merge_scaling.png)", ""]
     return lines
 
@@ -42,11 +50,13 @@ def wall_time_parts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run: wall seconds split into client training and surrogate building on the critical path (the clients'
     sums divided by how many ran at once), merging, and everything else (start-up, messaging, scoring)."""
     at_once = clients_at_once(runs).where(runs["sweep-backend"] == "flower", 1).clip(upper=runs["num-clients"])
-    parts = pd.DataFrame({
-        "train": runs["client-mean_train-seconds"] * runs["num-clients"] / at_once,
-        "surrogate": runs["client-mean_surrogate-seconds"] * runs["num-clients"] / at_once,
-        "merge": runs["merge-seconds"],
-    })
+    parts = pd.DataFrame(
+        {
+            "train": runs["client-mean_train-seconds"] * runs["num-clients"] / at_once,
+            "surrogate": runs["client-mean_surrogate-seconds"] * runs["num-clients"] / at_once,
+            "merge": runs["merge-seconds"],
+        }
+    )
     parts["other"] = (runs["sweep-seconds"] - parts.sum(axis=1)).clip(lower=0)
     return parts
 
@@ -58,8 +68,10 @@ def clients_at_once(runs: pd.DataFrame) -> pd.Series:
 
 
 def backend_label(runs: pd.DataFrame) -> pd.Series:
-    """"in-process", or "Flower, k client(s) at once"."""
-    return ("Flower, " + clients_at_once(runs).astype(str) + " client(s) at once").where(runs["sweep-backend"] == "flower", "in-process")
+    """ "in-process", or "Flower, k client(s) at once"."""
+    return ("Flower, " + clients_at_once(runs).astype(str) + " client(s) at once").where(
+        runs["sweep-backend"] == "flower", "in-process"
+    )
 
 
 def overhead_section(runs: pd.DataFrame, figure: Path) -> list[str]:
@@ -80,28 +92,48 @@ def overhead_section(runs: pd.DataFrame, figure: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(figure, dpi=120)
     plt.close(fig)
-    return ["## Flower + Ray overhead", "",
-            "The same runs (same config, no client cache) through `flwr run` and in one process "
-            "(`--backend in-process`). 'Everything else' is the wall time not spent training clients, building "
-            "surrogates or merging: process and Ray start-up, messaging, scoring and writing results.", "",
-            table.round(1).reset_index().to_markdown(index=False), "", f"![overhead]({figure.name})", ""]
+    return [
+        "## Flower + Ray overhead",
+        "",
+        "The same runs (same config, no client cache) through `flwr run` and in one process "
+        "(`--backend in-process`). 'Everything else' is the wall time not spent training clients, building "
+        "surrogates or merging: process and Ray start-up, messaging, scoring and writing results.",
+        "",
+        table.round(1).reset_index().to_markdown(index=False),
+        "",
+        f"![overhead]({figure.name})",
+        "",
+    ]
 
 
 def memory_section(runs: pd.DataFrame) -> list[str]:
     """Peak resident memory of the server process and of the largest client process, per client count."""
-    columns = {"server-peak-rss-mb": "server peak RSS (MiB)", "client-max_peak-rss-mb": "client peak RSS (MiB)",
-               "server-peak-gpu-mb": "server peak GPU (MiB)"}
+    columns = {
+        "server-peak-rss-mb": "server peak RSS (MiB)",
+        "client-max_peak-rss-mb": "client peak RSS (MiB)",
+        "server-peak-gpu-mb": "server peak GPU (MiB)",
+    }
     present = [c for c in columns if c in runs]
     table = runs.groupby(["sweep-method", "num-clients"])[present].max().rename(columns=columns)
-    return ["## Peak memory (sweep runs, maximum over datasets and splits)", "",
-            "The server process holds Flower's simulation engine, Ray's driver and every client model; a client "
-            "process is one Ray actor.", "", table.round(0).reset_index().to_markdown(index=False), ""]
+    return [
+        "## Peak memory (sweep runs, maximum over datasets and splits)",
+        "",
+        "The server process holds Flower's simulation engine, Ray's driver and every client model; a client "
+        "process is one Ray actor.",
+        "",
+        table.round(0).reset_index().to_markdown(index=False),
+        "",
+    ]
 
 
 def write_performance_report(results: Path) -> Path:
     """Write ``results/performance.md`` (and ``overhead.png``) from whichever inputs exist."""
     lines = ["# Performance", ""]
-    scaling, overhead, sweep = results / "merge_scaling.csv", results / "overhead" / "runs.csv", results / "sweep" / "runs.csv"
+    scaling, overhead, sweep = (
+        results / "merge_scaling.csv",
+        results / "overhead" / "runs.csv",
+        results / "sweep" / "runs.csv",
+    )
     if scaling.exists():
         lines += scaling_section(pd.read_csv(scaling))
     if overhead.exists():
@@ -116,7 +148,9 @@ def write_performance_report(results: Path) -> Path:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.performance_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.performance_report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--results", type=Path, default=Path("results"))
     args = parser.parse_args(None if argv is None else list(argv))
     try:

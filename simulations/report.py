@@ -50,8 +50,9 @@ def client_models(template: nn.Module, updates: list[ClientUpdate]) -> dict[str,
     return {f"client{u.partition_id}": load_state(template, u.state) for u in updates}
 
 
-def surrogate_trained_model(settings: RunSettings, template: nn.Module, updates: list[ClientUpdate],
-                            device: torch.device | str = "cpu") -> nn.Module | None:
+def surrogate_trained_model(
+    settings: RunSettings, template: nn.Module, updates: list[ClientUpdate], device: torch.device | str = "cpu"
+) -> nn.Module | None:
     """The "train on the surrogates" baseline: a fresh model trained on the union of the clients' surrogates for
     ``SURROGATE_EPOCHS`` epochs (a surrogate is tiny), otherwise with the clients' training settings (None when no
     client sent one)."""
@@ -59,15 +60,22 @@ def surrogate_trained_model(settings: RunSettings, template: nn.Module, updates:
     if not parts:
         return None
     config = dataclasses.replace(settings.train, epochs=SURROGATE_EPOCHS)
-    return train_from_scratch(template, concat(parts, "surrogate union"), config,
-                              seed=derive_seed(settings.seed, "surrogate-trained"), device=device)
+    return train_from_scratch(
+        template,
+        concat(parts, "surrogate union"),
+        config,
+        seed=derive_seed(settings.seed, "surrogate-trained"),
+        device=device,
+    )
 
 
 def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[str, float]]:
     """Scores of the merged model, the clients' own models, their example-weighted ensemble and, when the clients
     sent surrogates, a model trained on the surrogates alone."""
     spec = settings.federation
-    distributions = {u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates}
+    distributions = {
+        u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates
+    }
     own = client_models(outcome.model, outcome.updates)
     ensemble = Ensemble(list(own.values()), [u.num_examples for u in outcome.updates])
     device = default_device()
@@ -80,21 +88,33 @@ def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[s
 
 
 def _metric_values(updates: list[ClientUpdate], name: str) -> list[float]:
-    return [float(u.metrics[name]) for u in updates if name in u.metrics]
+    values = (u.metrics.get(name) for u in updates)
+    return [float(v) for v in values if isinstance(v, (int, float))]
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def results_row(run_config: dict, run_id: int, num_clients: int, outcome: RunOutcome, table: dict[str, dict[str, float]], wall_seconds: float) -> dict:
+def results_row(
+    run_config: dict,
+    run_id: int,
+    num_clients: int,
+    outcome: RunOutcome,
+    table: dict[str, dict[str, float]],
+    wall_seconds: float,
+) -> dict:
     """One CSV row: the run config, who took part, every accuracy (``acc_<model>_<test set>``, and the global
     accuracy after each round), bytes each client uploaded, wall times of client training, surrogate building and
     merging, peak memory, and package versions."""
     row: dict = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run-id": run_id}
     row |= {f"cfg_{k}": v for k, v in run_config.items()}
-    row |= {"num-clients": num_clients, "clients-merged": len(outcome.updates), "clients-left-out": len(outcome.left_out),
-            "left-out": "; ".join(f"{who}: {why}" for who, why in outcome.left_out)}
+    row |= {
+        "num-clients": num_clients,
+        "clients-merged": len(outcome.updates),
+        "clients-left-out": len(outcome.left_out),
+        "left-out": "; ".join(f"{who}: {why}" for who, why in outcome.left_out),
+    }
     for model, accuracies in table.items():
         row |= {f"acc_{model}_{where}": round(acc, 2) for where, acc in accuracies.items()}
     row |= {f"acc_round{r}_global": round(acc, 2) for r, acc in sorted(outcome.round_accuracies.items())}
@@ -103,8 +123,12 @@ def results_row(run_config: dict, run_id: int, num_clients: int, outcome: RunOut
     for name in ("train-seconds", "surrogate-seconds", "peak-rss-mb"):
         row[f"client-max_{name}"] = max(_metric_values(outcome.updates, name), default=float("nan"))
     row["clients-cached"] = int(sum(_metric_values(outcome.updates, "cached")))
-    row |= {"merge-seconds": round(outcome.merge_seconds, 3), "wall-seconds": round(wall_seconds, 3),
-            "server-peak-rss-mb": round(peak_rss_mb(), 1), "server-peak-gpu-mb": round(peak_gpu_mb(), 1)}
+    row |= {
+        "merge-seconds": round(outcome.merge_seconds, 3),
+        "wall-seconds": round(wall_seconds, 3),
+        "server-peak-rss-mb": round(peak_rss_mb(), 1),
+        "server-peak-gpu-mb": round(peak_gpu_mb(), 1),
+    }
     return row | {f"version_{k}": v for k, v in package_versions().items()}
 
 
@@ -116,7 +140,9 @@ def print_scores(table: dict[str, dict[str, float]], title: str) -> None:
     view = Table()
     view.add_column("model")
     for column in columns:
-        view.add_column(column.replace("client", "client ") if column != "clients-mean" else "mean over clients", justify="right")
+        view.add_column(
+            column.replace("client", "client ") if column != "clients-mean" else "mean over clients", justify="right"
+        )
     for model, accuracies in table.items():
         view.add_row(model, *(f"{accuracies[c]:.1f}" for c in columns))
     console = Console(width=160)
@@ -131,15 +157,24 @@ def save_outputs(settings: RunSettings, run_config: dict, row: dict, outcome: Ru
     label = "fedavg" if settings.strategy == "fedavg" else f"{settings.method}-{settings.schedule}"
     model_path = folder / "models" / f"{stamp}-{label}-{row['run-id']}.pt"
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": outcome.model.state_dict(), "model": settings.model, "width": settings.width,
-                "run_config": run_config, "results": row}, model_path)
+    torch.save(
+        {
+            "state_dict": outcome.model.state_dict(),
+            "model": settings.model,
+            "width": settings.width,
+            "run_config": run_config,
+            "results": row,
+        },
+        model_path,
+    )
     csv_path = folder / "runs.csv"
     save_rows(csv_path, [row | {"model-file": str(model_path)}])
     return csv_path, model_path
 
 
-def finish_run(settings: RunSettings, run_config: dict, run_id: int, num_clients: int, outcome: RunOutcome,
-               seconds_so_far: float) -> dict:
+def finish_run(
+    settings: RunSettings, run_config: dict, run_id: int, num_clients: int, outcome: RunOutcome, seconds_so_far: float
+) -> dict:
     """Score the run's models, print the table, append the results row and save the model; return the row."""
     started = time.perf_counter()
     table = score_models(settings, outcome)

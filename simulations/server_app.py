@@ -69,12 +69,22 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
     num_classes = global_test_data(settings.federation).num_classes
     if settings.strategy == "fedavg":
         return SortedFedAvg(num_classes, **nodes)
-    return PermutationMerge(template, settings.merge_config(), settings.schedule, make_runner(settings.merge_workers),
-                            clients_start_from_global=settings.clients_start_from_global, num_classes=num_classes,
-                            finetune=settings.finetune_config(), **nodes)
+    return PermutationMerge(
+        template,
+        settings.merge_config(),
+        settings.schedule,
+        make_runner(settings.merge_workers),
+        clients_start_from_global=settings.clients_start_from_global,
+        num_classes=num_classes,
+        finetune=settings.finetune_config(),
+        min_train_nodes=num_clients,
+        min_available_nodes=num_clients,
+    )
 
 
-def round_evaluation(settings: RunSettings, template: nn.Module, accuracies: dict[int, float]) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+def round_evaluation(
+    settings: RunSettings, template: nn.Module, accuracies: dict[int, float]
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
     """A Flower ``evaluate_fn`` that records the global test accuracy (%) after each round in ``accuracies``."""
     test = global_test_data(settings.federation)
 
@@ -94,8 +104,12 @@ def run_federation(grid: Grid, settings: RunSettings, num_clients: int) -> RunOu
     template = template_model(settings)
     strategy = make_strategy(settings, template, num_clients)
     accuracies: dict[int, float] = {}
-    result = strategy.start(grid, ArrayRecord(template.state_dict()), num_rounds=settings.num_rounds,
-                            evaluate_fn=round_evaluation(settings, template, accuracies))
+    result = strategy.start(
+        grid,
+        ArrayRecord(template.state_dict()),
+        num_rounds=settings.num_rounds,
+        evaluate_fn=round_evaluation(settings, template, accuracies),
+    )
     if not strategy.client_updates:
         reasons = "; ".join(f"{who}: {why}" for who, why in strategy.left_out) or "no replies"
         raise RuntimeError(f"no client update could be used in the last round ({reasons})")
@@ -112,7 +126,14 @@ def main(grid: Grid, context: Context) -> None:
     settings = settings_from_run_config(context.run_config, num_clients)
     run_config = DEFAULT_RUN_CONFIG | dict(context.run_config)
     seed_everything(settings.seed)
-    log.info("fedmerge run: %d clients, %s split of %s, strategy %s (%s, %s schedule)", num_clients,
-             settings.federation.split, settings.federation.dataset, settings.strategy, settings.method, settings.schedule)
+    log.info(
+        "fedmerge run: %d clients, %s split of %s, strategy %s (%s, %s schedule)",
+        num_clients,
+        settings.federation.split,
+        settings.federation.dataset,
+        settings.strategy,
+        settings.method,
+        settings.schedule,
+    )
     outcome = run_federation(grid, settings, num_clients)
     finish_run(settings, run_config, context.run_id, num_clients, outcome, time.perf_counter() - started)

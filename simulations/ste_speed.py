@@ -23,7 +23,8 @@ from fedmerge.data import LabeledImages, concat, disjoint_label_partition, load_
 from fedmerge.device import default_device
 from fedmerge.experiment import train_client
 from fedmerge.merge import STEConfig, ste_merge
-from fedmerge.models import build_model
+from fedmerge.merge.ste import Projection
+from fedmerge.models import build_model, model_spec
 from fedmerge.surrogate import random_coreset
 from fedmerge.train import TrainConfig
 from simulations.versions import package_versions
@@ -48,19 +49,31 @@ def trained_pair(name: str, epochs: int, per_class: int, device) -> tuple[nn.Mod
     parts = [data.subset(idx) for idx in disjoint_label_partition(data.y, 2, seed=0)]
     template = build_model(name, data.image_shape)
     config = TrainConfig(epochs=epochs, lr=0.05, batch_size=64)
-    clients = [train_client(template, part, config, seed, device, f"client {seed}").model for seed, part in enumerate(parts)]
+    clients = [
+        train_client(template, part, config, seed, device, f"client {seed}").model for seed, part in enumerate(parts)
+    ]
     coreset = concat([random_coreset(part, per_class, seed) for seed, part in enumerate(parts)])
     return clients[0], clients[1], coreset
 
 
-def time_ste(model_a: nn.Module, model_b: nn.Module, data: LabeledImages, projection: str, steps: int, device) -> dict:
-    """Steps/s (the step loop alone), one-off setup seconds and final loss of STE merging ``model_b`` into ``model_a``."""
+PROJECTIONS: tuple[Projection, ...] = ("warm", "full")
+
+
+def time_ste(
+    model_a: nn.Module, model_b: nn.Module, data: LabeledImages, projection: Projection, steps: int, device: torch.device | str
+) -> dict:
+    """Steps/s (the step loop alone), one-off setup seconds and final loss of STE merging B into A."""
     config = STEConfig(steps=steps, batch_size=len(data), projection=projection)
     start = time.perf_counter()
-    result = ste_merge(model_a, model_a.permutation_spec(), model_a.state_dict(), model_b.state_dict(), data, 0.5, config, 0, device)
+    result = ste_merge(
+        model_a, model_spec(model_a), model_a.state_dict(), model_b.state_dict(), data, 0.5, config, 0, device
+    )
     total = time.perf_counter() - start
-    return {"steps_per_second": round(steps / result.step_seconds, 3), "setup_seconds": round(total - result.step_seconds, 3),
-            "final_loss": round(result.losses[-1], 4)}
+    return {
+        "steps_per_second": round(steps / result.step_seconds, 3),
+        "setup_seconds": round(total - result.step_seconds, 3),
+        "final_loss": round(result.losses[-1], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         model_a, model_b, data = trained_pair(name, args.epochs, args.per_class, device)
         for repeat in range(args.repeats):
-            for projection in ("warm", "full"):
+            for projection in PROJECTIONS:
                 row = {"model": name, "projection": projection, "repeat": repeat, "steps": args.steps}
                 rows.append(row | time_ste(model_a, model_b, data, projection, args.steps, device))
                 console.log(f"{name} {projection}: {rows[-1]['steps_per_second']:.2f} steps/s")
@@ -79,10 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     frame.to_csv(args.out / "ste_speed.csv", index=False)
     summary = frame.groupby(["model", "projection"])["steps_per_second"].median().unstack()
     summary["speed-up"] = summary["warm"] / summary["full"]
-    text = ("# STE speed: warm-started projection vs weight matching from scratch every step\n\n"
-            f"Median steps/s over {args.repeats} repeats of {args.steps} steps (full-batch on a {len(data)}-image coreset; the one-off "
-            f"setup, i.e. the initial weight matching and final projection, excluded), device {frame['device'][0]}, "
-            f"torch threads {torch.get_num_threads()}.\n\n" + summary.round(2).to_markdown() + "\n")
+    text = (
+        "# STE speed: warm-started projection vs weight matching from scratch every step\n\n"
+        f"Median steps/s over {args.repeats} repeats of {args.steps} steps "
+        f"(full-batch on a {len(data)}-image coreset; the one-off "
+        f"setup, i.e. the initial weight matching and final projection, excluded), device {frame['device'][0]}, "
+        f"torch threads {torch.get_num_threads()}.\n\n" + summary.round(2).to_markdown() + "\n"
+    )
     (args.out / "ste_speed.md").write_text(text)
     console.print(text)
 

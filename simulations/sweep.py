@@ -27,7 +27,7 @@ from pathlib import Path
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import pandas as pd
 import torch
@@ -43,8 +43,18 @@ from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlink
 from simulations.results_io import save_rows
 
 BACKENDS = ("flower", "in-process")
-SWEPT_KEYS = ("dataset", "split", "alpha", "strategy", "method", "num-rounds", "surrogate", "per-class", "seed",
-              "finetune-epochs")
+SWEPT_KEYS = (
+    "dataset",
+    "split",
+    "alpha",
+    "strategy",
+    "method",
+    "num-rounds",
+    "surrogate",
+    "per-class",
+    "seed",
+    "finetune-epochs",
+)
 """Run-config keys the sweep sets itself (``--set`` may not)."""
 LOCAL_KEYS = ("results-dir", "client-cache", "data-root")
 """Run-config keys that say where files go; they do not change results and are not part of a run's key."""
@@ -61,7 +71,9 @@ class PlannedRun:
     client_cpus: float = 1.0
 
     @classmethod
-    def make(cls, run_config: dict[str, ConfigValue], num_clients: int, backend: str, client_cpus: float = 1.0) -> PlannedRun:
+    def make(
+        cls, run_config: dict[str, ConfigValue], num_clients: int, backend: str, client_cpus: float = 1.0
+    ) -> PlannedRun:
         return cls(tuple(sorted(run_config.items())), num_clients, backend, client_cpus)
 
     @property
@@ -141,7 +153,9 @@ class SweepGrid:
 def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     """The FedAvg run over the same federation as ``run`` (same data, clients, model and training)."""
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
-    config |= {key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class", "finetune-epochs")}  # unused by FedAvg
+    config |= {
+        key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class", "finetune-epochs")
+    }  # unused by FedAvg
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
 
@@ -167,7 +181,11 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
             for split in grid.splits:
                 for alpha in grid.alphas if split == "dirichlet" else grid.alphas[:1]:
                     for num_clients in grid.clients:
-                        base = DEFAULT_RUN_CONFIG | grid.overrides | {"dataset": dataset, "split": split, "alpha": float(alpha), "seed": seed}
+                        base = (
+                            DEFAULT_RUN_CONFIG
+                            | grid.overrides
+                            | {"dataset": dataset, "split": split, "alpha": float(alpha), "seed": seed}
+                        )
                         for key in LOCAL_KEYS:
                             base.pop(key)
                         problem = _split_problem(base | {"data-root": grid.data_root}, num_clients)
@@ -177,8 +195,14 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                         for kind, per_class in grid.surrogates:
                             for method in grid.methods:
                                 for epochs in grid.finetune_epochs:
-                                    config = base | {"strategy": "merge", "method": method, "num-rounds": 1,
-                                                     "surrogate": kind, "per-class": per_class, "finetune-epochs": epochs}
+                                    config = base | {
+                                        "strategy": "merge",
+                                        "method": method,
+                                        "num-rounds": 1,
+                                        "surrogate": kind,
+                                        "per-class": per_class,
+                                        "finetune-epochs": epochs,
+                                    }
                                     run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
                                     if grid.fedavg_rounds:
                                         runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
@@ -217,8 +241,15 @@ def finished_rows(csv_path: Path) -> pd.DataFrame:
 def _run_flower(run: PlannedRun, config: dict, options: SweepOptions) -> dict:
     results_dir = Path(str(config["results-dir"]))
     log_path = options.out / "logs" / f"{run.key}.log"
-    completed = flwr_run(config, run.num_clients, options.out.resolve() / "flwr-home", log_path, options.timeout,
-                         client_cpus=run.client_cpus, client_gpus=options.client_gpus)
+    completed = flwr_run(
+        config,
+        run.num_clients,
+        options.out.resolve() / "flwr-home",
+        log_path,
+        options.timeout,
+        client_cpus=run.client_cpus,
+        client_gpus=options.client_gpus,
+    )
     csv_path = results_dir / "runs.csv"
     if not completed or not csv_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
@@ -237,12 +268,21 @@ def execute(run: PlannedRun, options: SweepOptions) -> dict:
     """Run ``run`` and return its results row with the sweep's columns (key, backend, seconds) added."""
     results_dir = (options.out / "runs" / run.key).resolve()
     shutil.rmtree(results_dir, ignore_errors=True)  # what a crashed earlier attempt left
-    config = run.config | {"results-dir": str(results_dir), "client-cache": str(options.cache_dir),
-                           "data-root": options.data_root}
+    config = run.config | {
+        "results-dir": str(results_dir),
+        "client-cache": str(options.cache_dir),
+        "data-root": options.data_root,
+    }
     started = time.perf_counter()
     row = (_run_flower if run.backend == "flower" else _run_in_process)(run, config, options)
-    return row | {"run-key": run.key, "sweep-backend": run.backend, "sweep-client-cpus": run.client_cpus, "host-cpus": os.cpu_count(), "sweep-method": run.method,
-                  "sweep-seconds": round(time.perf_counter() - started, 3)}
+    return row | {
+        "run-key": run.key,
+        "sweep-backend": run.backend,
+        "sweep-client-cpus": run.client_cpus,
+        "host-cpus": os.cpu_count(),
+        "sweep-method": run.method,
+        "sweep-seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def with_fedavg_baselines(row: dict, run: PlannedRun, finished: pd.DataFrame, rounds: int) -> dict:
@@ -251,11 +291,16 @@ def with_fedavg_baselines(row: dict, run: PlannedRun, finished: pd.DataFrame, ro
     key = run.key if run.is_fedavg else fedavg_counterpart(run, rounds).key
     found = finished[finished["run-key"] == key] if rounds else finished.iloc[0:0]
     source = row if run.is_fedavg else (found.iloc[-1].to_dict() if len(found) else {})
-    return row | {"fedavg-rounds": rounds, "acc_fedavg1_global": source.get("acc_round1_global", float("nan")),
-                  "acc_fedavgR_global": source.get(f"acc_round{rounds}_global", float("nan"))}
+    return row | {
+        "fedavg-rounds": rounds,
+        "acc_fedavg1_global": source.get("acc_round1_global", float("nan")),
+        "acc_fedavgR_global": source.get(f"acc_round{rounds}_global", float("nan")),
+    }
 
 
-def run_sweep(runs: Sequence[PlannedRun], options: SweepOptions, console: Console | None = None) -> list[tuple[PlannedRun, str]]:
+def run_sweep(
+    runs: Sequence[PlannedRun], options: SweepOptions, console: Console | None = None
+) -> list[tuple[PlannedRun, str]]:
     """Run every planned run whose key is not yet in ``<out>/runs.csv``, appending each row when it finishes;
     return the failed runs with their error (they are retried by the next sweep)."""
     console = console or Console(stderr=True)
@@ -278,8 +323,10 @@ def run_sweep(runs: Sequence[PlannedRun], options: SweepOptions, console: Consol
                 else:
                     save_rows(options.csv_path, [row])
                     finished = finished_rows(options.csv_path)
-                    console.log(f"[{number}/{len(todo)}] {run.label}: global accuracy {row['acc_merged_global']:.1f}%, "
-                                f"merge {row['merge-seconds']:.1f} s, run {row['sweep-seconds']:.0f} s")
+                    console.log(
+                        f"[{number}/{len(todo)}] {run.label}: global accuracy {row['acc_merged_global']:.1f}%, "
+                        f"merge {row['merge-seconds']:.1f} s, run {row['sweep-seconds']:.0f} s"
+                    )
                 bar.advance(task)
     finally:
         if any(run.backend == "flower" for run in todo):
@@ -293,7 +340,9 @@ def parse_surrogate(text: str) -> tuple[str, int]:
     try:
         return kind, int(size or DEFAULT_RUN_CONFIG["per-class"])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"surrogate must be KIND or KIND:PER_CLASS (e.g. random:10), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"surrogate must be KIND or KIND:PER_CLASS (e.g. random:10), got {text!r}"
+        ) from None
 
 
 def parse_assignment(text: str) -> tuple[str, ConfigValue]:
@@ -308,30 +357,62 @@ def parse_assignment(text: str) -> tuple[str, ConfigValue]:
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m simulations.sweep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--datasets", nargs="+", default=["mnist"], help="dataset names (see fedmerge.data)")
     parser.add_argument("--splits", nargs="+", default=["dirichlet"], help="iid, dirichlet, disjoint or domain")
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="Dirichlet concentrations")
     parser.add_argument("--clients", nargs="+", type=int, default=[2, 4, 8, 16, 32], help="client counts")
-    parser.add_argument("--methods", nargs="+", default=["ste", "wm", "average"], help=f"merge methods: {', '.join(METHODS)}")
-    parser.add_argument("--surrogates", nargs="+", type=parse_surrogate, default=[("random", 10)],
-                        help=f"surrogates as KIND:PER_CLASS; kinds: {', '.join(SURROGATE_KINDS)}")
+    parser.add_argument(
+        "--methods", nargs="+", default=["ste", "wm", "average"], help=f"merge methods: {', '.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--surrogates",
+        nargs="+",
+        type=parse_surrogate,
+        default=[("random", 10)],
+        help=f"surrogates as KIND:PER_CLASS; kinds: {', '.join(SURROGATE_KINDS)}",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--finetune-epochs", nargs="+", type=int, default=[0],
-                        help="epochs of fine-tuning the merged model on the surrogates (0: none); each value is a variant")
+    parser.add_argument(
+        "--finetune-epochs",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="epochs of fine-tuning the merged model on the surrogates (0: none); each value is a variant",
+    )
     parser.add_argument("--fedavg-rounds", type=int, default=5, help="rounds of the FedAvg baseline (0: none)")
-    parser.add_argument("--set", dest="overrides", nargs="*", type=parse_assignment, default=[], metavar="KEY=VALUE",
-                        help="run-config values for every run, e.g. epochs=2 ste-steps=100 (see pyproject.toml)")
-    parser.add_argument("--backend", choices=BACKENDS, default="flower",
-                        help="flwr run (Flower simulation on Ray) or the same computation in this process")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        type=parse_assignment,
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config values for every run, e.g. epochs=2 ste-steps=100 (see pyproject.toml)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="flower",
+        help="flwr run (Flower simulation on Ray) or the same computation in this process",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/sweep"), help="folder of runs.csv, logs and plots")
     parser.add_argument("--data-root", default="", help="folder of the datasets (default: ./data, ../shared/data)")
     parser.add_argument("--cache", type=Path, default=None, help="client model cache (default: <out>/client-cache)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take")
-    parser.add_argument("--client-cpus", type=float, default=1.0,
-                        help="CPUs each simulated client reserves (Flower runs cores / this many clients at once)")
-    parser.add_argument("--client-gpus", type=float, default=default_client_gpus(), help="GPU share per simulated client")
+    parser.add_argument(
+        "--client-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs each simulated client reserves (Flower runs cores / this many clients at once)",
+    )
+    parser.add_argument(
+        "--client-gpus", type=float, default=default_client_gpus(), help="GPU share per simulated client"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and summary at the end")
     return parser.parse_args(None if argv is None else list(argv))
@@ -342,10 +423,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         data_root = str(Path(args.data_root).resolve()) if args.data_root else ""
-        grid = SweepGrid(datasets=args.datasets, splits=args.splits, alphas=args.alphas, clients=args.clients,
-                         methods=args.methods, surrogates=args.surrogates, seeds=args.seeds, fedavg_rounds=args.fedavg_rounds,
-                         overrides=dict(args.overrides), backend=args.backend, data_root=data_root,
-                         client_cpus=args.client_cpus, finetune_epochs=args.finetune_epochs)
+        grid = SweepGrid(
+            datasets=args.datasets,
+            splits=args.splits,
+            alphas=args.alphas,
+            clients=args.clients,
+            methods=args.methods,
+            surrogates=args.surrogates,
+            seeds=args.seeds,
+            fedavg_rounds=args.fedavg_rounds,
+            overrides=dict(args.overrides),
+            backend=args.backend,
+            data_root=data_root,
+            client_cpus=args.client_cpus,
+            finetune_epochs=args.finetune_epochs,
+        )
         runs, skipped = plan(grid)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -356,8 +448,14 @@ def main(argv: Iterable[str] | None = None) -> int:
         for run in runs:
             console.print(f"{run.key}  {run.label}")
         return 0
-    options = SweepOptions(args.out, args.cache, args.timeout, client_gpus=args.client_gpus, fedavg_rounds=args.fedavg_rounds,
-                           data_root=data_root)
+    options = SweepOptions(
+        args.out,
+        args.cache,
+        args.timeout,
+        client_gpus=args.client_gpus,
+        fedavg_rounds=args.fedavg_rounds,
+        data_root=data_root,
+    )
     failures = run_sweep(runs, options, console)
     if not args.no_report and options.csv_path.exists():
         from simulations.sweep_report import write_report

@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.artist import Artist
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -40,12 +41,16 @@ def load_runs(csv_path: Path, backend: str = "flower") -> pd.DataFrame:
         runs = runs[runs["sweep-backend"] == backend].copy()
     if runs.empty:
         raise ValueError(f"{csv_path} has no rows run by backend {backend!r}")
-    split = runs["cfg_split"].where(runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")")
+    split = runs["cfg_split"].where(
+        runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")"
+    )
     runs["setting"] = runs["cfg_dataset"] + " " + split
     surrogate = runs["cfg_surrogate"] + ":" + runs["cfg_per-class"].astype(str)
     several = bool(surrogate[runs["sweep-method"] != "fedavg"].nunique() > 1)
     runs["method"] = runs["sweep-method"] + " " + surrogate if several else runs["sweep-method"]
-    runs.loc[runs["sweep-method"] == "fedavg", "method"] = "fedavg-" + runs["fedavg-rounds"].astype(int).astype(str) + "rounds"
+    runs.loc[runs["sweep-method"] == "fedavg", "method"] = (
+        "fedavg-" + runs["fedavg-rounds"].astype(int).astype(str) + "rounds"
+    )
     client_columns = runs.filter(regex=r"^acc_client\d+_global$")
     runs["client-mean_global"] = client_columns.mean(axis=1)
     return runs
@@ -67,30 +72,40 @@ def plot_accuracy(runs: pd.DataFrame, path: Path) -> Path:
     rows = -(-len(settings) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows + 0.5), squeeze=False)
     methods = sorted(runs["method"].unique())
-    palette = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
-    colors = dict(zip([*methods, *BASELINES.values()], palette))  # one colour per line, the same in every panel
-    for ax, setting in zip(axes.flat, settings):
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + [plt.get_cmap("Dark2")(i) for i in range(8)]
+    # one colour per line, the same in every panel
+    colors = dict(zip([*methods, *BASELINES.values()], palette, strict=False))
+    for ax, setting in zip(axes.flat, settings, strict=True):
         here = runs[runs["setting"] == setting]
         for method in sorted(here["method"].unique()):
             stats = mean_and_std(here[here["method"] == method], "acc_merged_global", ["num-clients"])
-            ax.errorbar(stats["num-clients"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                        label=method, color=colors[method])
+            ax.errorbar(
+                stats["num-clients"],
+                stats["mean"],
+                yerr=stats["std"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=method,
+                color=colors[method],
+            )
         merges = _merge_rows(here)
         for column, name in BASELINES.items():
             if column in merges and merges[column].notna().any():
-                stats = mean_and_std(merges.drop_duplicates(["num-clients", "cfg_seed", column]), column, ["num-clients"])
+                stats = mean_and_std(
+                    merges.drop_duplicates(["num-clients", "cfg_seed", column]), column, ["num-clients"]
+                )
                 ax.plot(stats["num-clients"], stats["mean"], linestyle="--", marker=".", label=name, color=colors[name])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(here["num-clients"].unique()), [str(n) for n in sorted(here["num-clients"].unique())])
         ax.set(title=setting, xlabel="clients", ylabel="global test accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(settings):]:
+    for ax in list(axes.flat)[len(settings) :]:
         ax.set_visible(False)
-    labels: dict[str, object] = {}
+    labels: dict[str, Artist] = {}
     for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             labels.setdefault(label, handle)
-    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.legend(list(labels.values()), list(labels.keys()), loc="lower center", ncol=min(6, len(labels)), fontsize=8)
     fig.suptitle("Merged model vs client count (solid: merge methods and FedAvg; dashed: baselines)")
     fig.tight_layout(rect=(0, 0.5 / (4.2 * rows + 0.5), 1, 1))  # room for the legend below
     fig.savefig(path, dpi=120)
@@ -104,13 +119,17 @@ def plot_merge_time(runs: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method in sorted(merges["method"].unique()):
         stats = mean_and_std(merges[merges["method"] == method], "merge-seconds", ["num-clients"])
-        ax.errorbar(stats["num-clients"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=method)
+        ax.errorbar(
+            stats["num-clients"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=method
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ticks = sorted(merges["num-clients"].unique())
     ax.set_xticks(ticks, [str(n) for n in ticks])
     workers = int(merges["cfg_merge-workers"].iloc[0]) if "cfg_merge-workers" in merges else 0
-    ax.set(title=f"Merge time on the server (tree schedule, {workers} parallel merges)", xlabel="clients", ylabel="seconds")
+    ax.set(
+        title=f"Merge time on the server (tree schedule, {workers} parallel merges)", xlabel="clients", ylabel="seconds"
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -130,7 +149,9 @@ def accuracy_table(runs: pd.DataFrame, setting: str) -> str:
     here = runs[runs["setting"] == setting]
     table = {}
     for method in sorted(here["method"].unique()):
-        stats = mean_and_std(here[here["method"] == method], "acc_merged_global", ["num-clients"]).set_index("num-clients")
+        stats = mean_and_std(here[here["method"] == method], "acc_merged_global", ["num-clients"]).set_index(
+            "num-clients"
+        )
         table[method] = {n: _cell(r["mean"], r["std"]) for n, r in stats.iterrows()}
     merges = _merge_rows(here).drop_duplicates(["num-clients", "cfg_seed"])
     for column, name in BASELINES.items():
@@ -150,14 +171,21 @@ def goal_table(runs: pd.DataFrame, n: int = GOAL_N) -> str:
     if merges.empty:
         return f"No run with {n} clients."
     keys = ["setting", "method"]
-    grouped = merges.groupby(keys)[["acc_merged_global", "acc_fedavg1_global", "acc_ensemble_global"]].mean().reset_index()
+    grouped = (
+        merges.groupby(keys)[["acc_merged_global", "acc_fedavg1_global", "acc_ensemble_global"]].mean().reset_index()
+    )
     grouped["FedAvg-1 + 20"] = grouped["acc_fedavg1_global"] + GOAL_OVER_FEDAVG
     grouped["90% of ensemble"] = GOAL_ENSEMBLE_SHARE * grouped["acc_ensemble_global"]
     beats_fedavg = grouped["acc_merged_global"] >= grouped["FedAvg-1 + 20"]
     near_ensemble = grouped["acc_merged_global"] >= grouped["90% of ensemble"]
     grouped["goal met"] = (beats_fedavg & near_ensemble).map({True: "yes", False: "no"})
-    grouped = grouped.rename(columns={"acc_merged_global": "merged", "acc_fedavg1_global": "FedAvg 1 round",
-                                      "acc_ensemble_global": "ensemble"})
+    grouped = grouped.rename(
+        columns={
+            "acc_merged_global": "merged",
+            "acc_fedavg1_global": "FedAvg 1 round",
+            "acc_ensemble_global": "ensemble",
+        }
+    )
     return grouped.round(1).to_markdown(index=False)
 
 
@@ -165,17 +193,27 @@ def cost_table(runs: pd.DataFrame) -> str:
     """Markdown: per method and client count, mean seconds of client training, surrogate building, merging and the
     whole ``flwr run``, bytes each client uploaded, and peak memory."""
     columns = {
-        "client-mean_train-seconds": "client training (s)", "client-mean_surrogate-seconds": "surrogate (s)",
-        "merge-seconds": "merge (s)", "sweep-seconds": "flwr run (s)",
-        "client-mean_weights-bytes": "weights / client (KiB)", "client-mean_surrogate-bytes": "surrogate / client (KiB)",
-        "server-peak-rss-mb": "server peak RSS (MiB)", "client-max_peak-rss-mb": "client peak RSS (MiB)",
+        "client-mean_train-seconds": "client training (s)",
+        "client-mean_surrogate-seconds": "surrogate (s)",
+        "merge-seconds": "merge (s)",
+        "sweep-seconds": "flwr run (s)",
+        "client-mean_weights-bytes": "weights / client (KiB)",
+        "client-mean_surrogate-bytes": "surrogate / client (KiB)",
+        "server-peak-rss-mb": "server peak RSS (MiB)",
+        "client-max_peak-rss-mb": "client peak RSS (MiB)",
     }
     present = [c for c in columns if c in runs]
     table = runs.groupby(["method", "num-clients"])[present].mean()
     for column in ("client-mean_weights-bytes", "client-mean_surrogate-bytes"):
         if column in table:
             table[column] = table[column] / 1024
-    return table.rename(columns=columns).round(1).reset_index().rename(columns={"num-clients": "clients"}).to_markdown(index=False)
+    return (
+        table.rename(columns=columns)
+        .round(1)
+        .reset_index()
+        .rename(columns={"num-clients": "clients"})
+        .to_markdown(index=False)
+    )
 
 
 def summary_markdown(runs: pd.DataFrame, figures: Iterable[Path]) -> str:
@@ -189,16 +227,26 @@ def summary_markdown(runs: pd.DataFrame, figures: Iterable[Path]) -> str:
         f"{', '.join(str(n) for n in sorted(runs['num-clients'].unique()))}; seeds {', '.join(map(str, seeds))}; "
         f"model {first['cfg_model']}, {first['cfg_epochs']} local epochs, STE {first['cfg_ste-steps']} steps, "
         f"merge schedule {first['cfg_schedule']}. Accuracy is on the global test set (%), mean over seeds.",
-        "FedAvg rows are the global model after the last round; 'FedAvg, 1 round' is the same run after its first round.",
+        "FedAvg rows are the global model after the last round; "
+        "'FedAvg, 1 round' is the same run after its first round.",
         "",
         *(f"![{path.stem}]({path.name})" for path in figures),
         "",
     ]
     for setting in sorted(runs["setting"].unique()):
         lines += [f"## {setting}", "", accuracy_table(runs, setting), ""]
-    lines += [f"## Goal at N={GOAL_N}", "",
-              f"Merged >= one-round FedAvg + {GOAL_OVER_FEDAVG:g} points and >= {GOAL_ENSEMBLE_SHARE:.0%} of the ensemble.",
-              "", goal_table(runs), "", "## Costs (mean per run)", "", cost_table(runs), ""]
+    lines += [
+        f"## Goal at N={GOAL_N}",
+        "",
+        f"Merged >= one-round FedAvg + {GOAL_OVER_FEDAVG:g} points and >= {GOAL_ENSEMBLE_SHARE:.0%} of the ensemble.",
+        "",
+        goal_table(runs),
+        "",
+        "## Costs (mean per run)",
+        "",
+        cost_table(runs),
+        "",
+    ]
     return "\n".join(lines)
 
 

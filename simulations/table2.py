@@ -23,6 +23,7 @@ from fedmerge.experiment import MethodRun, PairComparison, train_client
 from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.models import build_model
 from fedmerge.surrogate import CondenseConfig, SurrogateConfig, build_surrogate
+from fedmerge.surrogate.build import require_surrogate
 from fedmerge.train import TrainConfig
 from simulations.results_io import save_rows
 from simulations.versions import package_versions
@@ -63,7 +64,9 @@ METHOD_RUNS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="../shared/data", help="folder with the datasets (torchvision or shared layout)")
+    parser.add_argument(
+        "--data-root", default="../shared/data", help="folder with the datasets (torchvision or shared layout)"
+    )
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3, help="local training epochs per client")
@@ -71,9 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ste-lr", type=float, default=1e-2)
     parser.add_argument("--np-steps", type=int, default=500)
     parser.add_argument("--per-class", type=int, default=10, help="coreset / condensed images per class per client")
-    parser.add_argument("--condense-iterations", type=int, default=None, help="networks to match gradients on (default: the library's)")
-    parser.add_argument("--methods", nargs="+", default=None, choices=[m.label for m in METHOD_RUNS], metavar="LABEL",
-                        help="labels of the methods to run, e.g. 'STE (coreset 10/class)' (default: all)")
+    parser.add_argument(
+        "--condense-iterations", type=int, default=None, help="networks to match gradients on (default: the library's)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=[m.label for m in METHOD_RUNS],
+        metavar="LABEL",
+        help="labels of the methods to run, e.g. 'STE (coreset 10/class)' (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results"))
     return parser.parse_args(argv)
 
@@ -81,12 +92,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace) -> dict:
     """The settings that shape a row's numbers; rows are resumed only under the same settings."""
     iterations, _, _ = CondenseConfig(iterations=args.condense_iterations).schedule(args.per_class)
-    return {"epochs": args.epochs, "ste_steps": args.ste_steps, "ste_lr": args.ste_lr, "np_steps": args.np_steps,
-            "per_class": args.per_class, "condense_iterations": iterations}
+    return {
+        "epochs": args.epochs,
+        "ste_steps": args.ste_steps,
+        "ste_lr": args.ste_lr,
+        "np_steps": args.np_steps,
+        "per_class": args.per_class,
+        "condense_iterations": iterations,
+    }
 
 
-def build_surrogates(pair_train, clients, args: argparse.Namespace, keys: set[str], seed: int, device, console: Console) -> tuple[dict, dict[str, float]]:
-    """The surrogates named in ``keys`` (full union, random coreset, condensed set of both clients) and their seconds."""
+def build_surrogates(
+    pair_train, clients, args: argparse.Namespace, keys: set[str], seed: int, device, console: Console
+) -> tuple[dict, dict[str, float]]:
+    """The surrogates named in ``keys`` and their seconds.
+
+    Keys: the full union, a random coreset, the condensed set of both clients.
+    """
     surrogates, seconds = {"full": concat(pair_train, name="full")}, {}
     condense = CondenseConfig(iterations=args.condense_iterations)
     for kind, key in (("random", "coreset"), ("condensed", "condensed")):
@@ -95,8 +117,10 @@ def build_surrogates(pair_train, clients, args: argparse.Namespace, keys: set[st
         start = time.perf_counter()
         config = SurrogateConfig(kind=kind, per_class=args.per_class, condense=condense)
         parts = [
-            build_surrogate(data, config, model=client.model, seed=derive_seed(seed, kind, i), device=device)
-            for i, (data, client) in enumerate(zip(pair_train, clients))
+            require_surrogate(
+                build_surrogate(data, config, model=client.model, seed=derive_seed(seed, kind, i), device=device)
+            )
+            for i, (data, client) in enumerate(zip(pair_train, clients, strict=True))
         ]
         surrogates[key] = concat(parts, name=key)
         seconds[key] = time.perf_counter() - start
@@ -104,7 +128,9 @@ def build_surrogates(pair_train, clients, args: argparse.Namespace, keys: set[st
     return surrogates, seconds
 
 
-def run_pair(pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespace, device, console: Console) -> list[dict]:
+def run_pair(
+    pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespace, device, console: Console
+) -> list[dict]:
     """The given methods on one domain pair and seed."""
     names = PAIRS[pair]
     train_sets = domain_split(list(names), train=True, root=args.data_root)
@@ -112,21 +138,38 @@ def run_pair(pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespa
     tests = {"mixed": concat(test_sets), "A": test_sets[0], "B": test_sets[1]}
     template = build_model("mlp", train_sets[0].image_shape, 10)
     config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=128)
-    clients = [train_client(template, d, config, derive_seed(seed, pair, i), device, n) for i, (d, n) in enumerate(zip(train_sets, names))]
+    clients = [
+        train_client(template, d, config, derive_seed(seed, pair, i), device, n)
+        for i, (d, n) in enumerate(zip(train_sets, names, strict=True))
+    ]
     console.log(f"{pair} seed {seed}: trained clients in {sum(c.seconds for c in clients):.1f}s")
     keys = {m.surrogate for m in runs if m.surrogate}
     surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args, keys, seed, device, console)
     comparison = PairComparison(
-        template, clients[0], clients[1], surrogates, tests,
-        merge=MergeConfig(ste=STEConfig(steps=args.ste_steps, lr=args.ste_lr), np=NPConfig(steps=args.np_steps), seed=seed),
+        template,
+        clients[0],
+        clients[1],
+        surrogates,
+        tests,
+        merge=MergeConfig(
+            ste=STEConfig(steps=args.ste_steps, lr=args.ste_lr), np=NPConfig(steps=args.np_steps), seed=seed
+        ),
         device=device,
     )
     rows = []
     for method in runs:
         row = comparison.run(method)
         console.log(f"{pair} seed {seed} {method.label}: {row['acc_mixed']:.2f}% ({row['seconds']:.1f}s)")
-        rows.append({"pair": pair, "seed": seed, **row, "train_seconds": round(sum(c.seconds for c in clients), 1),
-                     "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1), **run_config(args)})
+        rows.append(
+            {
+                "pair": pair,
+                "seed": seed,
+                **row,
+                "train_seconds": round(sum(c.seconds for c in clients), 1),
+                "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1),
+                **run_config(args),
+            }
+        )
     return rows
 
 
@@ -182,13 +225,30 @@ def plot_table2(frame: pd.DataFrame, path: Path) -> None:
     labels = list(dict.fromkeys(frame["label"]))
     stats = frame.groupby(["label", "pair"])["acc_mixed"].agg(["mean", "std"]).fillna(0.0)
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 5), sharey=True, squeeze=False)
-    for ax, pair in zip(axes[0], pairs):
-        rows = [stats.loc[(label, pair)] if (label, pair) in stats.index else pd.Series({"mean": float("nan"), "std": 0.0}) for label in labels]
-        ax.barh(range(len(labels)), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue",
-                ecolor="0.35", label="ours (± std over seeds)")
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        rows = [
+            stats.loc[(label, pair)] if (label, pair) in stats.index else pd.Series({"mean": float("nan"), "std": 0.0})
+            for label in labels
+        ]
+        ax.barh(
+            range(len(labels)),
+            [r["mean"] for r in rows],
+            xerr=[r["std"] for r in rows],
+            color="tab:blue",
+            ecolor="0.35",
+            label="ours (± std over seeds)",
+        )
         for i, label in enumerate(labels):
             if label in PAPER:
-                ax.plot(PAPER[label][list(PAIRS).index(pair)], i, "|", color="tab:red", markersize=16, markeredgewidth=2.5, label="paper" if i == 0 else None)
+                ax.plot(
+                    PAPER[label][list(PAIRS).index(pair)],
+                    i,
+                    "|",
+                    color="tab:red",
+                    markersize=16,
+                    markeredgewidth=2.5,
+                    label="paper" if i == 0 else None,
+                )
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
@@ -223,10 +283,15 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"no rows with these settings in {csv_path}")
         return
     plot_table2(frame, args.out / "table2.png")
-    settings = (f"MLP 3x512, {args.epochs} local epochs, STE {args.ste_steps} steps (Adam, lr {args.ste_lr}), NP {args.np_steps} steps, "
-                f"{args.per_class} images/class/client, condensation by gradient matching on {config['condense_iterations']} networks "
-                f"(the paper: 1000), seeds {sorted(frame['seed'].unique().tolist())}")
-    text = f"# Yamada et al. Table 2 reproduction\n\nAccuracy (%) on the mixed test set of A and B, lambda = 0.5. {settings}.\n\n"
+    settings = (
+        f"MLP 3x512, {args.epochs} local epochs, STE {args.ste_steps} steps (Adam, lr {args.ste_lr}), "
+        f"NP {args.np_steps} steps, "
+        f"{args.per_class} images/class/client, "
+        f"condensation by gradient matching on {config['condense_iterations']} networks "
+        f"(the paper: 1000), seeds {sorted(frame['seed'].unique().tolist())}"
+    )
+    text = "# Yamada et al. Table 2 reproduction\n\n"
+    text += f"Accuracy (%) on the mixed test set of A and B, lambda = 0.5. {settings}.\n\n"
     pairs = [p for p in PAIRS if p in set(frame["pair"])]
     text += markdown_table(frame, pairs) + "\n"
     text += f"\n## Wall time (s, mean over seeds, {versions['device']})\n\n" + wall_time_table(frame, pairs) + "\n"

@@ -12,7 +12,10 @@ PACKAGES = ("torch", "torchvision", "numpy", "scipy", "flwr", "ray")
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape results, plus Python and the compute device."""
-    found = {"python": platform.python_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    found = {
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
     for name in PACKAGES:
         try:
             found[name] = version(name)

@@ -40,17 +40,31 @@ class SortedFedAvg(FedAvg):
     want_surrogate = False
     clients_start_from_global = True
 
-    def __init__(self, num_classes: int, fraction_train: float = 1.0, fraction_evaluate: float = 0.0,
-                 min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                         min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes)
+    def __init__(
+        self,
+        num_classes: int,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+        )
         self.num_classes = num_classes
         self.client_updates: list[ClientUpdate] = []
         self.left_out: list[tuple[str, str]] = []
         self.merge_seconds = 0.0
         self._reference: State = {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Send the global weights, saying whether to train from them and whether to send a surrogate."""
         self._reference = arrays.to_torch_state_dict()
         config[WANT_SURROGATE] = self.want_surrogate
@@ -61,19 +75,30 @@ class SortedFedAvg(FedAvg):
         """The new global weights from the usable updates (sorted by partition id): their example-weighted mean."""
         return weighted_average([u.state for u in updates], [float(u.num_examples) for u in updates])
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the usable replies; ``(None, None)`` (the global model stays) when none is usable."""
         updates, self.left_out = accept_replies(replies, self._reference, self.num_classes)
         self.client_updates = updates
         if not updates:
-            log.error("round %d: no usable client update (%d left out): the global model stays as it was",
-                      server_round, len(self.left_out))
+            log.error(
+                "round %d: no usable client update (%d left out): the global model stays as it was",
+                server_round,
+                len(self.left_out),
+            )
             return None, None
         start = time.perf_counter()
         state = self.combine(updates)
         self.merge_seconds = time.perf_counter() - start
-        log.info("round %d: combined %d client(s) %s in %.1f s (%d left out)", server_round, len(updates),
-                 [u.partition_id for u in updates], self.merge_seconds, len(self.left_out))
+        log.info(
+            "round %d: combined %d client(s) %s in %.1f s (%d left out)",
+            server_round,
+            len(updates),
+            [u.partition_id for u in updates],
+            self.merge_seconds,
+            len(self.left_out),
+        )
         metrics = mean_metrics(updates)
         metrics["merge-seconds"] = self.merge_seconds
         metrics["clients-merged"] = len(updates)

@@ -10,8 +10,9 @@ from fedmerge.device import default_device, derive_seed
 from fedmerge.merge import fine_tune
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
-from fedmerge.train import TrainConfig
+from fedmerge.models.protocol import model_spec
 from fedmerge.surrogate.build import last_linear
+from fedmerge.train import TrainConfig
 from strategies.fedavg import SortedFedAvg, State
 from strategies.messages import ClientUpdate
 from strategies.parallel import RayRunner, SequentialRunner
@@ -20,6 +21,7 @@ from strategies.schedule import (
     MergeNode,
     MergeRunner,
     MergeStep,
+    Schedule,
     run_schedule,
 )
 
@@ -47,7 +49,7 @@ class PermutationMerge(SortedFedAvg):
         self,
         model: nn.Module,
         merge: MergeConfig | None = None,
-        schedule: str = "tree",
+        schedule: Schedule = "tree",
         runner: MergeRunner | None = None,
         want_surrogate: bool = True,
         clients_start_from_global: bool = False,
@@ -61,14 +63,20 @@ class PermutationMerge(SortedFedAvg):
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
-        if not hasattr(model, "permutation_spec"):
-            raise TypeError(f"{type(model).__name__} declares no permutation_spec(); see fedmerge.models")
-        head = last_linear(model)
-        if num_classes is None and head is None:
-            raise ValueError("cannot tell the number of classes from the model: pass num_classes")
-        super().__init__(num_classes if num_classes is not None else head.out_features, fraction_train=fraction_train,
-                         fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                         min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes)
+        model_spec(model)  # TypeError unless the model is a PermutableModel
+        if num_classes is None:
+            head = last_linear(model)
+            if head is None:
+                raise ValueError("cannot tell the number of classes from the model: pass num_classes")
+            num_classes = head.out_features
+        super().__init__(
+            num_classes,
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+        )
         self.model = model
         self.merge = merge if merge is not None else MergeConfig()
         self.schedule = schedule
@@ -82,22 +90,37 @@ class PermutationMerge(SortedFedAvg):
     def summary(self) -> None:
         super().summary()
         runner = f"Ray ({self.runner.workers} workers)" if isinstance(self.runner, RayRunner) else "in-process"
-        log.info("merge: method %s, correction %s, schedule %s, pairwise merges %s", self.merge.method,
-                 self.merge.correction, self.schedule, runner)
+        log.info(
+            "merge: method %s, correction %s, schedule %s, pairwise merges %s",
+            self.merge.method,
+            self.merge.correction,
+            self.schedule,
+            runner,
+        )
 
     def combine(self, updates: list[ClientUpdate]) -> State:
         """Merge the usable updates (sorted by partition id) along the schedule."""
         for update in updates:
             if update.surrogate is None and self.want_surrogate:
                 log.warning("%s sent no surrogate: it is merged by data-free weight matching", update.name)
-        merged, self.merge_steps = run_schedule(self.schedule, self.model, [MergeNode.from_update(u) for u in updates],
-                                                self.merge, self.runner)
+        merged, self.merge_steps = run_schedule(
+            self.schedule, self.model, [MergeNode.from_update(u) for u in updates], self.merge, self.runner
+        )
         if self.finetune is None:
             return merged.state
         if merged.surrogate is None:
             log.warning("fine-tuning skipped: clients %s sent no surrogate", list(merged.without_surrogate))
             return merged.state
-        log.info("fine-tuning the merged model on %d surrogate images for %d epochs", len(merged.surrogate), self.finetune.epochs)
-        tuned = fine_tune(load_state(self.model, merged.state), merged.surrogate, self.finetune,
-                          seed=derive_seed(self.merge.seed, "finetune"), device=default_device())
+        log.info(
+            "fine-tuning the merged model on %d surrogate images for %d epochs",
+            len(merged.surrogate),
+            self.finetune.epochs,
+        )
+        tuned = fine_tune(
+            load_state(self.model, merged.state),
+            merged.surrogate,
+            self.finetune,
+            seed=derive_seed(self.merge.seed, "finetune"),
+            device=default_device(),
+        )
         return {name: tensor.detach().cpu() for name, tensor in tuned.state_dict().items()}

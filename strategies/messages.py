@@ -13,6 +13,7 @@ their partition id falls back to the node id.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -58,7 +59,10 @@ class ClientUpdate:
 
 
 def train_config(
-    server_round: int, want_surrogate: bool, init_from_global: bool, extra: Mapping[str, int | float | str | bool] | None = None
+    server_round: int,
+    want_surrogate: bool,
+    init_from_global: bool,
+    extra: Mapping[str, int | float | str | bool] | None = None,
 ) -> ConfigRecord:
     """The ConfigRecord a merging server sends with its ``train`` messages."""
     config = ConfigRecord(dict(extra or {}))
@@ -70,7 +74,9 @@ def train_config(
 
 def surrogate_record(surrogate: LabeledImages) -> ArrayRecord:
     """Encode a surrogate set as an ArrayRecord (``x`` images, ``y`` labels)."""
-    return ArrayRecord({"x": surrogate.x.detach().cpu().float().contiguous(), "y": surrogate.y.detach().cpu().long().contiguous()})
+    return ArrayRecord(
+        {"x": surrogate.x.detach().cpu().float().contiguous(), "y": surrogate.y.detach().cpu().long().contiguous()}
+    )
 
 
 def read_surrogate(record: ArrayRecord, num_classes: int, name: str = "surrogate") -> LabeledImages:
@@ -133,14 +139,18 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
     metrics = _only_metric_record(content)
     if NUM_EXAMPLES not in metrics:
         raise InvalidReply(f"node {node_id} did not report {NUM_EXAMPLES!r}")
-    num_examples = int(metrics[NUM_EXAMPLES])
+    num_examples = _whole_number(metrics[NUM_EXAMPLES], NUM_EXAMPLES, node_id)
     if num_examples <= 0:
         raise InvalidReply(f"node {node_id} reported {num_examples} training examples")
-    partition_id = int(metrics.get(PARTITION_ID, node_id))
+    partition_id = _whole_number(metrics.get(PARTITION_ID, node_id), PARTITION_ID, node_id)
+    if partition_id < 0:
+        raise InvalidReply(f"node {node_id} reported a negative {PARTITION_ID!r}: {partition_id}")
     state = {k: torch.from_numpy(a.numpy().copy()) for k, a in _weights_record(content).items()}
     surrogate = None
     if SURROGATE_KEY in content.array_records:
-        surrogate = read_surrogate(content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}")
+        surrogate = read_surrogate(
+            content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}"
+        )
     extra = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
     return ClientUpdate(partition_id, node_id, state, num_examples, surrogate, extra)
 
@@ -151,6 +161,19 @@ def mean_metrics(updates: list[ClientUpdate]) -> MetricRecord:
     record = MetricRecord({NUM_EXAMPLES: total})
     names = sorted({k for u in updates for k, v in u.metrics.items() if isinstance(v, (int, float))})
     for name in names:
-        weighted = [(u.num_examples, float(u.metrics[name])) for u in updates if isinstance(u.metrics.get(name), (int, float))]
+        values = [(u.num_examples, u.metrics.get(name)) for u in updates]
+        weighted = [(n, float(v)) for n, v in values if isinstance(v, (int, float))]
         record[name] = sum(n * v for n, v in weighted) / sum(n for n, _ in weighted)
     return record
+
+
+def _whole_number(value: object, key: str, node_id: int) -> int:
+    """``value`` as an int when it is a whole, finite number; ``InvalidReply`` naming the node and key otherwise."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise InvalidReply(f"node {node_id} reported {key!r} = {value!r}, not a whole number")
+    return int(value)

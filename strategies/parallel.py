@@ -59,8 +59,13 @@ class RayRunner:
         if not ray.is_initialized():
             gpus = torch.cuda.device_count()
             log.info("starting a local Ray instance for merging (%d CPU workers, %d GPU(s))", self.workers, gpus)
-            ray.init(num_cpus=self.workers * self.threads_per_task, num_gpus=gpus, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+            ray.init(
+                num_cpus=self.workers * self.threads_per_task,
+                num_gpus=gpus,
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+            )
 
     def _resources(self) -> dict[str, float]:
         """What each task reserves: a CPU and a GPU share when that many are free, else nothing of that kind."""
@@ -71,8 +76,11 @@ class RayRunner:
         gpu_share = min(1.0, ray.cluster_resources().get("GPU", 0.0) / self.workers)
         gpus = gpu_share if gpu_share and free.get("GPU", 0.0) >= gpu_share * self.workers else 0.0
         if not cpus:
-            log.info("Ray has no %d free CPUs (client actors hold them): merge tasks reserve none, %d run at a time",
-                     self.threads_per_task * self.workers, self.workers)
+            log.info(
+                "Ray has no %d free CPUs (client actors hold them): merge tasks reserve none, %d run at a time",
+                self.threads_per_task * self.workers,
+                self.workers,
+            )
         if gpu_share and not gpus:
             log.warning("Ray's GPUs are all reserved (by client actors?): merging on CPU")
         return {"num_cpus": cpus, "num_gpus": gpus}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ from strategies.messages import ClientUpdate
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("tree", "all-to-one")
+Schedule = Literal["tree", "all-to-one"]
+SCHEDULES: tuple[Schedule, ...] = ("tree", "all-to-one")
 State = dict[str, torch.Tensor]
 
 
@@ -90,34 +91,54 @@ class MergeRunner(Protocol):
 
 
 def pair_job(level: int, index: int, a: MergeNode, b: MergeNode, config: MergeConfig) -> PairJob:
-    """The merge of ``a`` and ``b`` with a seed of its own; data-free weight matching when a member sent no surrogate."""
+    """The merge of ``a`` and ``b`` with a seed of its own.
+
+    Falls back to data-free weight matching when a member sent no surrogate.
+    """
     config = replace(config, seed=derive_seed(config.seed, "merge", level, index))
     missing = a.without_surrogate + b.without_surrogate
     if config.method in DATA_METHODS and missing:
         log.warning(
             "client(s) %s sent no surrogate: merging clients %s with %s by data-free weight matching instead of %s",
-            list(missing), list(a.members), list(b.members), config.method,
+            list(missing),
+            list(a.members),
+            list(b.members),
+            config.method,
         )
         config = replace(config, method="wm")
     return PairJob(level, index, a, b, config)
 
 
 def _merged_node(job: PairJob, result: MergeResult) -> MergeNode:
-    return MergeNode(result.state, job.a.members + job.b.members, job.a.num_examples + job.b.num_examples, job.surrogate,
-                     job.a.without_surrogate + job.b.without_surrogate)
+    return MergeNode(
+        result.state,
+        job.a.members + job.b.members,
+        job.a.num_examples + job.b.num_examples,
+        job.surrogate,
+        job.a.without_surrogate + job.b.without_surrogate,
+    )
 
 
-def _run_level(model: nn.Module, jobs: list[PairJob], runner: MergeRunner, label: str) -> tuple[list[MergeNode], list[MergeStep]]:
+def _run_level(
+    model: nn.Module, jobs: list[PairJob], runner: MergeRunner, label: str
+) -> tuple[list[MergeNode], list[MergeStep]]:
     start = time.perf_counter()
-    log.info("%s: %d merge(s): %s", label, len(jobs), ", ".join(f"{list(j.a.members)}+{list(j.b.members)}" for j in jobs))
+    log.info(
+        "%s: %d merge(s): %s", label, len(jobs), ", ".join(f"{list(j.a.members)}+{list(j.b.members)}" for j in jobs)
+    )
     results = runner.run(model, jobs)
     log.info("%s done in %.1f s", label, time.perf_counter() - start)
-    nodes = [_merged_node(job, result) for job, result in zip(jobs, results)]
-    steps = [MergeStep(j.level, j.index, j.a.members, j.b.members, j.lam, r.method, r.seconds) for j, r in zip(jobs, results)]
+    nodes = [_merged_node(job, result) for job, result in zip(jobs, results, strict=True)]
+    steps = [
+        MergeStep(j.level, j.index, j.a.members, j.b.members, j.lam, r.method, r.seconds)
+        for j, r in zip(jobs, results, strict=True)
+    ]
     return nodes, steps
 
 
-def tree_merge(model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+def tree_merge(
+    model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner
+) -> tuple[MergeNode, list[MergeStep]]:
     """Merge ``nodes`` pairwise, level by level, until one is left."""
     nodes, steps = list(nodes), []
     levels = max(1, (len(nodes) - 1).bit_length())
@@ -131,17 +152,23 @@ def tree_merge(model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig
     return nodes[0], steps
 
 
-def all_to_one_merge(model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+def all_to_one_merge(
+    model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner
+) -> tuple[MergeNode, list[MergeStep]]:
     """Fold every node in turn into one running model."""
     running, steps = nodes[0], []
     for k, node in enumerate(nodes[1:], start=1):
-        merged, level_steps = _run_level(model, [pair_job(k, 0, running, node, config)], runner, f"merge {k}/{len(nodes) - 1}")
+        merged, level_steps = _run_level(
+            model, [pair_job(k, 0, running, node, config)], runner, f"merge {k}/{len(nodes) - 1}"
+        )
         running = merged[0]
         steps += level_steps
     return running, steps
 
 
-def run_schedule(schedule: str, model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner) -> tuple[MergeNode, list[MergeStep]]:
+def run_schedule(
+    schedule: Schedule, model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner
+) -> tuple[MergeNode, list[MergeStep]]:
     """Merge ``nodes`` (sorted by partition id) into one with the named schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")

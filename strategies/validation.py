@@ -31,7 +31,10 @@ def state_problems(state: Mapping[str, torch.Tensor], reference: Mapping[str, to
 
 
 def surrogate_problems(update: ClientUpdate, image_shape: tuple[int, ...] | None, num_classes: int) -> list[str]:
-    """Why ``update``'s surrogate is unusable (empty, wrong image shape, bad labels, NaN/Inf); empty when fine or absent."""
+    """Why ``update``'s surrogate is unusable (empty, wrong image shape, bad labels, NaN/Inf).
+
+    Empty when the surrogate is fine or absent.
+    """
     data = update.surrogate
     if data is None:
         return []
@@ -78,7 +81,9 @@ def accept_replies(
     for update in readable:
         problems = state_problems(update.state, reference) + surrogate_problems(update, image_shape, num_classes)
         if update.partition_id in accepted:
-            problems.append(f"partition id {update.partition_id} was already sent by {accepted[update.partition_id].name}")
+            problems.append(
+                f"partition id {update.partition_id} was already sent by {accepted[update.partition_id].name}"
+            )
         if problems:
             leave_out(update.name, "; ".join(problems))
             continue

@@ -61,7 +61,16 @@ def flower_message(message_type: str = "train", dst_node_id: int = 1, content=No
     from flwr.app import Message, Metadata, RecordDict
     from flwr.app.message.message import make_message
 
-    metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=dst_node_id, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
     message: Message = make_message(metadata, content if content is not None else RecordDict())
     return message

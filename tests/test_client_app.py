@@ -27,8 +27,13 @@ def message(config: ConfigRecord, state: dict[str, torch.Tensor] | None = None, 
 
 
 def run_client(config: ConfigRecord, partition_id: int = 1, state=None, **run_config) -> ClientUpdate:
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": partition_id, "num-partitions": 2},
-                      state=RecordDict(), run_config={**RUN_CONFIG, **run_config})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition_id, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={**RUN_CONFIG, **run_config},
+    )
     reply = app(message(config, state), context)
     return read_reply(reply, num_classes=10)
 

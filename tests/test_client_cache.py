@@ -37,6 +37,7 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 # --- state_digest ---------------------------------------------------------------------------------------------------
 
+
 def test_state_digest_is_equal_for_equal_states():
     state = a_state()
     copy = {name: tensor.clone() for name, tensor in reversed(list(state.items()))}  # other order, other storage
@@ -66,15 +67,25 @@ def test_state_digest_of_a_model_with_batchnorm():
 
 # --- keys -----------------------------------------------------------------------------------------------------------
 
+
 def test_model_key_is_stable_for_equal_settings():
     assert model_key(settings(), 0, 1, None) == model_key(settings(), 0, 1, None)
     assert model_key(settings(), 1, 2, a_state()) == model_key(settings(), 1, 2, a_state())
 
 
-@pytest.mark.parametrize("change", [
-    {"partition": 1}, {"round": 2}, {"seed": 6}, {"epochs": 3}, {"lr": 0.1}, {"width": 16}, {"split": "iid"},
-    {"start": "state"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"partition": 1},
+        {"round": 2},
+        {"seed": 6},
+        {"epochs": 3},
+        {"lr": 0.1},
+        {"width": 16},
+        {"split": "iid"},
+        {"start": "state"},
+    ],
+)
 def test_model_key_changes_with_what_decides_the_trained_model(change):
     base = model_key(settings(), 0, 1, None)
     run_config = {k: v for k, v in change.items() if k not in ("partition", "round", "start")}
@@ -88,8 +99,14 @@ def test_model_key_depends_on_the_start_weights_values():
 
 def test_model_key_ignores_what_does_not_change_the_client_model():
     base = model_key(settings(), 0, 1, None)
-    for other in ({"method": "wm"}, {"strategy": "fedavg"}, {"surrogate": "herding", "per-class": 2},
-                  {"results-dir": "/elsewhere"}, {"client-cache": "/a/cache"}, {"ste-steps": 3}):
+    for other in (
+        {"method": "wm"},
+        {"strategy": "fedavg"},
+        {"surrogate": "herding", "per-class": 2},
+        {"results-dir": "/elsewhere"},
+        {"client-cache": "/a/cache"},
+        {"ste-steps": 3},
+    ):
         assert model_key(settings(**other), 0, 1, None) == base, other
 
 
@@ -104,6 +121,7 @@ def test_surrogate_key_changes_with_the_surrogate_and_the_model():
 
 
 # --- saved entries --------------------------------------------------------------------------------------------------
+
 
 def test_models_round_trip(tmp_path):
     cache = ClientCache(tmp_path)
@@ -140,13 +158,16 @@ def _truncated(path):
     return raw[: len(raw) // 2]
 
 
-@pytest.mark.parametrize("bad", [
-    pytest.param(lambda path: b"", id="empty"),
-    pytest.param(_truncated, id="truncated"),
-    pytest.param(lambda path: b"PK\x03\x04" + b"x" * 100, id="broken-zip"),
-    pytest.param(lambda path: b"garbage" * 50, id="garbage"),
-    pytest.param(lambda path: b"not a torch file\n", id="text"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda path: b"", id="empty"),
+        pytest.param(_truncated, id="truncated"),
+        pytest.param(lambda path: b"PK\x03\x04" + b"x" * 100, id="broken-zip"),
+        pytest.param(lambda path: b"garbage" * 50, id="garbage"),
+        pytest.param(lambda path: b"not a torch file\n", id="text"),
+    ],
+)
 def test_an_unreadable_entry_reads_as_missing(tmp_path, bad):
     cache = ClientCache(tmp_path)
     cache.save_model("k", TrainedClient(a_state(), 1.0, 50.0))
@@ -159,6 +180,7 @@ def test_an_unreadable_entry_reads_as_missing(tmp_path, bad):
 
 
 # --- client_work with a cache ---------------------------------------------------------------------------------------
+
 
 def test_client_work_reuses_the_cached_model_and_surrogate(tmp_path):
     cached_settings = settings(**{"client-cache": str(tmp_path / "cache")})

@@ -165,7 +165,7 @@ def test_torchvision_layout_usps_and_cifar(tmp_path: Path):
     rng = np.random.default_rng(1)
     values = rng.uniform(-1, 1, (4, 256)).round(4)
     with bz2.open(tmp_path / "usps.t.bz2", "wt") as f:
-        for label, row in zip([1, 2, 3, 10], values):
+        for label, row in zip([1, 2, 3, 10], values, strict=True):
             f.write(f"{label} " + " ".join(f"{i}:{v}" for i, v in enumerate(row, start=1)) + "\n")
     usps = load_dataset("usps", train=False, root=tmp_path)
     assert usps.x.shape == (4, 1, 28, 28) and usps.y.tolist() == [0, 1, 2, 9]

@@ -27,7 +27,7 @@ def all_clients(spec: FederationSpec) -> list[LabeledImages]:
 
 def as_rows(data: LabeledImages) -> set[tuple[float, ...]]:
     """Each image (flattened) with its label, as a hashable row, to compare sets of examples."""
-    return {(*x.flatten().tolist(), float(y)) for x, y in zip(data.x, data.y)}
+    return {(*x.flatten().tolist(), float(y)) for x, y in zip(data.x, data.y, strict=True)}
 
 
 @pytest.mark.parametrize("split", ["iid", "dirichlet", "disjoint"])
@@ -49,8 +49,8 @@ def test_partitions_depend_on_the_seed_only(split):
     first = all_clients(FederationSpec("digits", split, num_clients=2, seed=3))
     again = all_clients(FederationSpec("digits", split, num_clients=2, seed=3))
     other = all_clients(FederationSpec("digits", split, num_clients=2, seed=4))
-    assert all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(first, again))
-    assert any(len(a) != len(b) or not torch.equal(a.y, b.y) for a, b in zip(first, other))
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(first, again, strict=True))
+    assert any(len(a) != len(b) or not torch.equal(a.y, b.y) for a, b in zip(first, other, strict=True))
 
 
 def test_returned_data_is_a_private_copy():

@@ -22,8 +22,9 @@ FLWR = Path(sys.executable).with_name("flwr")
 def flwr_run(run_config: dict, cwd: Path, flwr_home: Path) -> str:
     """Run ``flwr run`` on this project with two simulated clients; return its output (it exits 0 even on failure)."""
     command = flwr_run_command(run_config, num_supernodes=2)
-    finished = subprocess.run(command, check=False, cwd=cwd, env=flower_environment(flwr_home), capture_output=True,
-                              text=True, timeout=240)
+    finished = subprocess.run(
+        command, check=False, cwd=cwd, env=flower_environment(flwr_home), capture_output=True, text=True, timeout=240
+    )
     output = finished.stdout + finished.stderr
     assert finished.returncode == 0, output[-4000:]
     return output

@@ -74,7 +74,10 @@ def _quiet_single_thread(monkeypatch):
 
 
 def blobs(classes, per_class: int, seed: int, spread: float = 0.5, means_seed: int = 7) -> LabeledImages:
-    """``per_class`` images of each of ``classes``: class c ~ N(spread * mean_c, I), the means fixed by ``means_seed``."""
+    """``per_class`` images of each of ``classes``: class c ~ N(spread * mean_c, I).
+
+    The means are fixed by ``means_seed``.
+    """
     means = torch.randn(NUM_CLASSES, *SHAPE, generator=torch.Generator().manual_seed(means_seed)) * spread
     y = torch.tensor(list(classes)).repeat_interleave(per_class)
     x = means[y] + torch.randn(len(y), *SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -146,7 +149,9 @@ class SplitPair:
         key = (method, tuple(sorted(kwargs.items())))
         if key not in self._cache:
             config = MergeConfig(method=method, **kwargs)
-            self._cache[key] = merge_pair(self.template, self.model_a.state_dict(), self.model_b.state_dict(), self.surrogate, config=config)
+            self._cache[key] = merge_pair(
+                self.template, self.model_a.state_dict(), self.model_b.state_dict(), self.surrogate, config=config
+            )
         return self._cache[key]
 
     def quality(self, state: dict) -> tuple[float, float]:
@@ -166,7 +171,11 @@ def split_pairs() -> dict[int, SplitPair]:
 
 def toy_state(seed: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g), "bn.num_batches_tracked": torch.tensor(steps)}
+    return {
+        "w": torch.randn(3, 4, generator=g),
+        "b": torch.randn(4, generator=g),
+        "bn.num_batches_tracked": torch.tensor(steps),
+    }
 
 
 def test_interpolate_states_endpoints_and_integer_buffers():
@@ -279,11 +288,17 @@ def test_merging_a_permuted_batchnorm_resnet_recovers_it():
     """The BN path: STE and NP train with batch statistics, buffers are permuted/interpolated, not reset."""
     model = randomized_bn_model("resnet20", (3, 8, 8), 0.25, seed=3, blocks_per_stage=1)
     spec = model.permutation_spec()
-    state_b = apply_permutation(spec, random_perms(spec, model.state_dict(), torch.Generator().manual_seed(4)), model.state_dict())
+    state_b = apply_permutation(
+        spec, random_perms(spec, model.state_dict(), torch.Generator().manual_seed(4)), model.state_dict()
+    )
     gen = torch.Generator().manual_seed(5)
-    data = LabeledImages(torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (32,), generator=gen), NUM_CLASSES)
+    data = LabeledImages(
+        torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (32,), generator=gen), NUM_CLASSES
+    )
     template = copy.deepcopy(model)
-    config = MergeConfig(method="ste+np", correction="none", ste=STEConfig(steps=5, batch_size=32), np=NPConfig(steps=5, batch_size=32))
+    config = MergeConfig(
+        method="ste+np", correction="none", ste=STEConfig(steps=5, batch_size=32), np=NPConfig(steps=5, batch_size=32)
+    )
     result = merge_pair(template, model.state_dict(), state_b, data, config=config)
     merged = load(template, result.state)
     with torch.no_grad():
@@ -380,7 +395,11 @@ def test_np_merge_initialises_at_lambda_and_rejects_bad_input(split_pairs):
 def test_ste_respects_lambda(split_pairs, lam):
     pair = split_pairs[SPLIT_SEEDS[0]]
     result = merge_pair(
-        pair.template, pair.model_a.state_dict(), pair.model_b.state_dict(), pair.surrogate, lam=lam,
+        pair.template,
+        pair.model_a.state_dict(),
+        pair.model_b.state_dict(),
+        pair.surrogate,
+        lam=lam,
         config=MergeConfig(method="ste", ste=STEConfig(steps=10, lr=1e-2, batch_size=40)),
     )
     aligned = apply_permutation(pair.spec, result.perms, pair.model_b.state_dict())
@@ -446,7 +465,9 @@ def test_activation_matching_merge_aligns_on_the_surrogate(split_pairs):
 
 def test_merges_are_deterministic(split_pairs):
     pair = split_pairs[SPLIT_SEEDS[1]]
-    config = MergeConfig(method="ste+np", seed=3, ste=STEConfig(steps=30, lr=1e-2, batch_size=16), np=NPConfig(steps=30, batch_size=16))
+    config = MergeConfig(
+        method="ste+np", seed=3, ste=STEConfig(steps=30, lr=1e-2, batch_size=16), np=NPConfig(steps=30, batch_size=16)
+    )
     runs = [
         merge_pair(pair.template, pair.model_a.state_dict(), pair.model_b.state_dict(), pair.surrogate, config=config)
         for _ in range(2)
@@ -464,19 +485,34 @@ def test_merges_are_deterministic(split_pairs):
 @pytest.mark.parametrize("surrogate", ["none", "empty"])
 def test_merge_pair_falls_back_to_weight_matching_without_data(split_pairs, caplog, method, surrogate):
     pair = split_pairs[SPLIT_SEEDS[0]]
-    data = None if surrogate == "none" else LabeledImages(torch.empty(0, *SHAPE), torch.empty(0, dtype=torch.long), NUM_CLASSES)
+    data = (
+        None
+        if surrogate == "none"
+        else LabeledImages(torch.empty(0, *SHAPE), torch.empty(0, dtype=torch.long), NUM_CLASSES)
+    )
     with caplog.at_level(logging.WARNING, logger="fedmerge.merge.pairwise"):
-        result = merge_pair(pair.template, pair.model_a.state_dict(), pair.model_b.state_dict(), data, config=MergeConfig(method=method))
+        result = merge_pair(
+            pair.template, pair.model_a.state_dict(), pair.model_b.state_dict(), data, config=MergeConfig(method=method)
+        )
     assert result.method == "wm"
     assert result.losses == []
-    assert any(r.levelno == logging.WARNING and method in r.getMessage() and "weight matching" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and method in r.getMessage() and "weight matching" in r.getMessage()
+        for r in caplog.records
+    )
     assert_states_equal(result.state, pair.merge("wm").state)
 
 
 def test_merge_pair_skips_a_correction_that_needs_missing_data(split_pairs, caplog):
     pair = split_pairs[SPLIT_SEEDS[0]]
     with caplog.at_level(logging.WARNING, logger="fedmerge.merge.pairwise"):
-        result = merge_pair(pair.template, pair.model_a.state_dict(), pair.model_b.state_dict(), None, config=MergeConfig(method="wm", correction="repair"))
+        result = merge_pair(
+            pair.template,
+            pair.model_a.state_dict(),
+            pair.model_b.state_dict(),
+            None,
+            config=MergeConfig(method="wm", correction="repair"),
+        )
     assert any("repair" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
     assert_states_equal(result.state, pair.merge("wm").state)
 
@@ -510,7 +546,9 @@ def test_merge_pair_rejects_state_dicts_that_do_not_match_the_spec(split_pairs):
 def test_merge_pair_rejects_models_of_different_widths(split_pairs, method):
     pair = split_pairs[SPLIT_SEEDS[0]]
     with pytest.raises(ValueError):
-        merge_pair(pair.template, pair.model_a.state_dict(), mlp(width=16).state_dict(), config=MergeConfig(method=method))
+        merge_pair(
+            pair.template, pair.model_a.state_dict(), mlp(width=16).state_dict(), config=MergeConfig(method=method)
+        )
 
 
 # ------------------------------------------------------------------------------- BatchNorm reset, REPAIR
@@ -522,7 +560,10 @@ def per_batch_bn_input_stats(model: nn.Module, data: LabeledImages, batch_size: 
     probe = copy.deepcopy(model).train()
     bns = {name: m for name, m in probe.named_modules() if isinstance(m, nn.BatchNorm2d)}
     seen: dict[str, list] = {name: [] for name in bns}
-    handles = [m.register_forward_hook(lambda _m, inputs, _o, name=name: seen[name].append(inputs[0])) for name, m in bns.items()]
+    handles = [
+        m.register_forward_hook(lambda _m, inputs, _o, name=name: seen[name].append(inputs[0]))
+        for name, m in bns.items()
+    ]
     for start in range(0, len(data), batch_size):
         probe(data.x[start : start + batch_size])
     for h in handles:
@@ -543,7 +584,9 @@ def per_batch_bn_input_stats(model: nn.Module, data: LabeledImages, batch_size: 
 def test_reset_batchnorm_sets_running_stats_to_the_data_statistics(name, in_shape, width, kwargs):
     model = randomized_bn_model(name, in_shape, width, seed=1, **kwargs)
     gen = torch.Generator().manual_seed(2)
-    data = LabeledImages(torch.randn(48, *in_shape, generator=gen) * 1.5 + 0.3, torch.zeros(48, dtype=torch.long), NUM_CLASSES)
+    data = LabeledImages(
+        torch.randn(48, *in_shape, generator=gen) * 1.5 + 0.3, torch.zeros(48, dtype=torch.long), NUM_CLASSES
+    )
     expected = per_batch_bn_input_stats(model, data, batch_size=16)
     before = snapshot(model)
     returned = reset_batchnorm(model, data, batch_size=16)
@@ -578,7 +621,9 @@ def test_reset_batchnorm_edge_cases():
         reset_batchnorm(bn_model, LabeledImages(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long), NUM_CLASSES))
 
 
-def assert_repaired_stats(repaired: nn.Module, model_a: nn.Module, model_b: nn.Module, data: LabeledImages, lam: float, names: list[str]):
+def assert_repaired_stats(
+    repaired: nn.Module, model_a: nn.Module, model_b: nn.Module, data: LabeledImages, lam: float, names: list[str]
+):
     got = unit_statistics(repaired, names, data)
     stats_a, stats_b = unit_statistics(model_a, names, data), unit_statistics(model_b, names, data)
     for name in names:
@@ -611,7 +656,11 @@ def test_repair_matches_interpolated_unit_statistics_batchnorm():
     in_shape, lam = (3, 32, 32), 0.5
     model_a = randomized_bn_model("vgg11", in_shape, 0.125, seed=1)
     model_b = randomized_bn_model("vgg11", in_shape, 0.125, seed=2)
-    data = LabeledImages(torch.randn(40, *in_shape, generator=torch.Generator().manual_seed(3)), torch.zeros(40, dtype=torch.long), NUM_CLASSES)
+    data = LabeledImages(
+        torch.randn(40, *in_shape, generator=torch.Generator().manual_seed(3)),
+        torch.zeros(40, dtype=torch.long),
+        NUM_CLASSES,
+    )
     merged = load(model_a, interpolate_states(model_a.state_dict(), model_b.state_dict(), lam))
     names = repair_points(merged)
     assert names and all(isinstance(dict(merged.named_modules())[n], nn.BatchNorm2d) for n in names)
@@ -696,8 +745,13 @@ def test_train_from_scratch_forgets_the_weights_and_fits_the_surrogate(split_pai
     assert_states_equal(pair.model_a.state_dict(), before)
     for key, value in fresh.state_dict().items():
         assert not torch.allclose(value, before[key]), f"{key} kept the original weights"
-    assert_states_equal(train_from_scratch(pair.model_a, pair.surrogate, TrainConfig(epochs=0), seed=4).state_dict(), fresh.state_dict())
-    assert not torch.equal(train_from_scratch(pair.model_a, pair.surrogate, TrainConfig(epochs=0), seed=5).state_dict()["head.weight"], fresh.state_dict()["head.weight"])
+    assert_states_equal(
+        train_from_scratch(pair.model_a, pair.surrogate, TrainConfig(epochs=0), seed=4).state_dict(), fresh.state_dict()
+    )
+    assert not torch.equal(
+        train_from_scratch(pair.model_a, pair.surrogate, TrainConfig(epochs=0), seed=5).state_dict()["head.weight"],
+        fresh.state_dict()["head.weight"],
+    )
 
     trained = train_from_scratch(pair.model_a, pair.surrogate, TrainConfig(epochs=30, lr=0.05, batch_size=20), seed=4)
     assert_states_equal(pair.model_a.state_dict(), before)
@@ -714,7 +768,7 @@ def test_merging_leaves_the_callers_models_as_they_were(split_pairs, method):
     config = MergeConfig(method=method, correction="repair", ste=STEConfig(steps=3), np=NPConfig(steps=3))
     merge_pair(template, model_a.state_dict(), pair.model_b.state_dict(), pair.surrogate, config=config)
     assert template.training and model_a.training
-    for old, model in zip(before, (template, model_a)):
+    for old, model in zip(before, (template, model_a), strict=True):
         assert all(torch.equal(old[k], v) for k, v in model.state_dict().items())
     template.eval(), model_a.eval()
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedmerge.align import apply_permutation
-from fedmerge.models import MODEL_NAMES, MLP, VGG11, ResNet20, SmallCNN, build_model
+from fedmerge.models import MLP, MODEL_NAMES, VGG11, ResNet20, SmallCNN, build_model
 from fedmerge.models.spec import PermutationSpec
 from tests.helpers import CASE_FIELDS, randomized_model
 
@@ -97,7 +97,8 @@ def test_activation_points_carry_their_permutation(name, in_shape, width, kwargs
     modules = dict(model.named_modules())
     seen: dict[str, int] = {}
     handles = [
-        modules[m].register_forward_hook(lambda _m, _i, out, p=p: seen.__setitem__(p, out.shape[1])) for p, m in points.items()
+        modules[m].register_forward_hook(lambda _m, _i, out, p=p: seen.__setitem__(p, out.shape[1]))
+        for p, m in points.items()
     ]
     with torch.no_grad():
         model(torch.randn(2, *in_shape))

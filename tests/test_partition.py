@@ -42,7 +42,7 @@ def assert_valid(parts: list[torch.Tensor], n: int, full_cover: bool = True) -> 
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def skew(y: torch.Tensor, parts: list[torch.Tensor]) -> float:

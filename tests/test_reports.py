@@ -36,7 +36,7 @@ def markdown_cells(table: str) -> dict[tuple[str, str], str]:
     for line in lines[2:]:  # after the header and the |---| line
         values = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(values) == len(header), line
-        cells |= {(values[0], column): value for column, value in zip(header, values)}
+        cells |= {(values[0], column): value for column, value in zip(header, values, strict=True)}
     return cells
 
 
@@ -44,37 +44,75 @@ def markdown_rows(table: str) -> list[dict[str, str]]:
     """A markdown table without index as a list of {column name: cell text}."""
     lines = [line for line in table.strip().splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
 # --- synthetic sweep rows -------------------------------------------------------------------------------------------
 
-def sweep_row(method: str, n: int, seed: int, merged: float, *, split: str = "dirichlet", alpha: float = 0.5,
-              surrogate: str = "random", per_class: int = 10, backend: str = "flower", clients: list[float] | None = None,
-              ensemble: float = 80.0, fedavg1: float = 50.0, trained: float = 60.0, rounds: int = 3,
-              merge_seconds: float = 1.0) -> dict:
+
+def sweep_row(
+    method: str,
+    n: int,
+    seed: int,
+    merged: float,
+    *,
+    split: str = "dirichlet",
+    alpha: float = 0.5,
+    surrogate: str = "random",
+    per_class: int = 10,
+    backend: str = "flower",
+    clients: list[float] | None = None,
+    ensemble: float = 80.0,
+    fedavg1: float = 50.0,
+    trained: float = 60.0,
+    rounds: int = 3,
+    merge_seconds: float = 1.0,
+) -> dict:
     """A sweep row with the columns the reports read, named as ``results_row`` + ``execute`` +
     ``with_fedavg_baselines`` name them."""
     fedavg = method == "fedavg"
     clients = clients if clients is not None else [40.0 + 5 * k for k in range(n)]
     row = {
-        "finished": "2026-01-01T00:00:00+00:00", "run-id": 1,
-        "cfg_dataset": "mnist", "cfg_split": split, "cfg_alpha": alpha, "cfg_model": "mlp", "cfg_epochs": 2,
-        "cfg_surrogate": surrogate, "cfg_per-class": per_class, "cfg_strategy": "fedavg" if fedavg else "merge",
-        "cfg_method": "ste" if fedavg else method, "cfg_schedule": "tree", "cfg_ste-steps": 30,
-        "cfg_num-rounds": rounds if fedavg else 1, "cfg_seed": seed,
-        "num-clients": n, "clients-merged": n, "clients-left-out": 0, "left-out": "",
+        "finished": "2026-01-01T00:00:00+00:00",
+        "run-id": 1,
+        "cfg_dataset": "mnist",
+        "cfg_split": split,
+        "cfg_alpha": alpha,
+        "cfg_model": "mlp",
+        "cfg_epochs": 2,
+        "cfg_surrogate": surrogate,
+        "cfg_per-class": per_class,
+        "cfg_strategy": "fedavg" if fedavg else "merge",
+        "cfg_method": "ste" if fedavg else method,
+        "cfg_schedule": "tree",
+        "cfg_ste-steps": 30,
+        "cfg_num-rounds": rounds if fedavg else 1,
+        "cfg_seed": seed,
+        "num-clients": n,
+        "clients-merged": n,
+        "clients-left-out": 0,
+        "left-out": "",
         "acc_merged_global": merged,
         **{f"acc_client{k}_global": acc for k, acc in enumerate(clients)},
         "acc_ensemble_global": ensemble,
         "acc_round1_global": fedavg1 if fedavg else merged,
-        "client-mean_train-seconds": 2.0, "client-mean_surrogate-seconds": 0.0 if fedavg else 0.5,
-        "client-mean_weights-bytes": 2048.0, "client-mean_surrogate-bytes": 0.0 if fedavg else 1024.0,
-        "client-max_peak-rss-mb": 700.0, "merge-seconds": 0.0 if fedavg else merge_seconds, "wall-seconds": 9.0,
-        "server-peak-rss-mb": 900.0, "server-peak-gpu-mb": 0.0,
-        "run-key": f"{method}{n}{seed}{split}{surrogate}{backend}", "sweep-backend": backend, "sweep-client-cpus": 1.0,
-        "sweep-method": method, "sweep-seconds": 20.0,
-        "fedavg-rounds": rounds, "acc_fedavg1_global": fedavg1, "acc_fedavgR_global": merged if fedavg else 55.0,
+        "client-mean_train-seconds": 2.0,
+        "client-mean_surrogate-seconds": 0.0 if fedavg else 0.5,
+        "client-mean_weights-bytes": 2048.0,
+        "client-mean_surrogate-bytes": 0.0 if fedavg else 1024.0,
+        "client-max_peak-rss-mb": 700.0,
+        "merge-seconds": 0.0 if fedavg else merge_seconds,
+        "wall-seconds": 9.0,
+        "server-peak-rss-mb": 900.0,
+        "server-peak-gpu-mb": 0.0,
+        "run-key": f"{method}{n}{seed}{split}{surrogate}{backend}",
+        "sweep-backend": backend,
+        "sweep-client-cpus": 1.0,
+        "sweep-method": method,
+        "sweep-seconds": 20.0,
+        "fedavg-rounds": rounds,
+        "acc_fedavg1_global": fedavg1,
+        "acc_fedavgR_global": merged if fedavg else 55.0,
     }
     if not fedavg:  # FedAvg rows have no train-on-surrogates baseline (empty in the CSV)
         row["acc_surrogate-trained_global"] = trained
@@ -120,6 +158,7 @@ def sweep_csv(tmp_path) -> Path:
 
 # --- sweep_report.load_runs -----------------------------------------------------------------------------------------
 
+
 def test_load_runs_keeps_the_backend_and_adds_setting_method_and_client_mean(sweep_csv):
     runs = load_runs(sweep_csv)
     assert len(runs) == 18 and set(runs["sweep-backend"]) == {"flower"}
@@ -137,8 +176,10 @@ def test_load_runs_keeps_the_backend_and_adds_setting_method_and_client_mean(swe
 
 
 def test_load_runs_formats_alpha_and_counts_fedavg_rounds(tmp_path):
-    csv = write_csv(tmp_path / "runs.csv", [sweep_row("fedavg", 2, 0, 70.0, alpha=1.0, rounds=5),
-                                            sweep_row("average", 2, 0, 60.0, alpha=1.0, rounds=5)])
+    csv = write_csv(
+        tmp_path / "runs.csv",
+        [sweep_row("fedavg", 2, 0, 70.0, alpha=1.0, rounds=5), sweep_row("average", 2, 0, 60.0, alpha=1.0, rounds=5)],
+    )
     runs = load_runs(csv)
     assert runs["setting"].tolist() == ["mnist dirichlet(1)"] * 2
     assert runs["method"].tolist() == ["fedavg-5rounds", "average"]
@@ -154,9 +195,19 @@ def test_load_runs_without_a_backend_column_keeps_every_row(tmp_path):
 
 def test_load_runs_names_the_surrogate_when_several_were_swept(tmp_path):
     rows = [sweep_row("fedavg", 2, 0, 70.0)]
-    rows += [sweep_row(m, 2, 0, 60.0, surrogate=s, per_class=k) for m in ("wm", "ste") for s, k in (("random", 10), ("herding", 5))]
+    rows += [
+        sweep_row(m, 2, 0, 60.0, surrogate=s, per_class=k)
+        for m in ("wm", "ste")
+        for s, k in (("random", 10), ("herding", 5))
+    ]
     runs = load_runs(write_csv(tmp_path / "runs.csv", rows))
-    assert runs["method"].tolist() == ["fedavg-3rounds", "wm random:10", "wm herding:5", "ste random:10", "ste herding:5"]
+    assert runs["method"].tolist() == [
+        "fedavg-3rounds",
+        "wm random:10",
+        "wm herding:5",
+        "ste random:10",
+        "ste herding:5",
+    ]
 
 
 def test_load_runs_without_rows_of_the_backend_raises(sweep_csv):
@@ -165,6 +216,7 @@ def test_load_runs_without_rows_of_the_backend_raises(sweep_csv):
 
 
 # --- sweep_report tables --------------------------------------------------------------------------------------------
+
 
 def test_accuracy_table_means_over_seeds_with_std(sweep_csv):
     runs = load_runs(sweep_csv)
@@ -213,6 +265,7 @@ def test_goal_table_without_runs_at_8_clients(sweep_csv):
 
 # --- sweep_report.write_report and main -----------------------------------------------------------------------------
 
+
 def test_write_report_writes_the_plots_and_the_summary(sweep_csv, tmp_path):
     out = tmp_path / "report"
     paths = write_report(sweep_csv, out)
@@ -229,7 +282,12 @@ def test_write_report_writes_the_plots_and_the_summary(sweep_csv, tmp_path):
         assert accuracy_table(load_runs(sweep_csv), setting) in summary
     goal = summary.split("## Goal at N=8", 1)[1].split("## Costs", 1)[0]
     assert goal_table(load_runs(sweep_csv)) in goal
-    assert [r["goal met"] for r in markdown_rows(goal.split("\n\n", 2)[2])] == ["no", "yes", "yes", "no"]  # ste, wm per setting
+    assert [r["goal met"] for r in markdown_rows(goal.split("\n\n", 2)[2])] == [
+        "no",
+        "yes",
+        "yes",
+        "no",
+    ]  # ste, wm per setting
     assert "## Costs (mean per run)" in summary
     assert not (sweep_csv.parent / "summary.md").exists()  # --out given: nothing next to the CSV
 
@@ -255,15 +313,25 @@ def test_main(sweep_csv, tmp_path, capsys):
 
 # --- performance_report ---------------------------------------------------------------------------------------------
 
+
 def overhead_rows() -> list[dict]:
     """The same N=4 run in-process, through Flower with 2 clients at once (1 CPU each) and with 1 at once (2 CPUs):
     2 s training and 0.5 s surrogate per client, 3 s merging."""
-    base = {"num-clients": 4, "client-mean_train-seconds": 2.0, "client-mean_surrogate-seconds": 0.5, "merge-seconds": 3.0,
-            "sweep-method": "wm", "server-peak-rss-mb": 900.0, "client-max_peak-rss-mb": 700.0}
-    return [base | {"sweep-backend": "in-process", "sweep-client-cpus": 1.0, "sweep-seconds": 20.0},
-            base | {"sweep-backend": "flower", "sweep-client-cpus": 1.0, "sweep-seconds": 30.0},
-            base | {"sweep-backend": "flower", "sweep-client-cpus": 2.0, "sweep-seconds": 10.0},
-            base | {"sweep-backend": "flower", "sweep-client-cpus": float("nan"), "sweep-seconds": 30.0}]
+    base = {
+        "num-clients": 4,
+        "client-mean_train-seconds": 2.0,
+        "client-mean_surrogate-seconds": 0.5,
+        "merge-seconds": 3.0,
+        "sweep-method": "wm",
+        "server-peak-rss-mb": 900.0,
+        "client-max_peak-rss-mb": 700.0,
+    }
+    return [
+        base | {"sweep-backend": "in-process", "sweep-client-cpus": 1.0, "sweep-seconds": 20.0},
+        base | {"sweep-backend": "flower", "sweep-client-cpus": 1.0, "sweep-seconds": 30.0},
+        base | {"sweep-backend": "flower", "sweep-client-cpus": 2.0, "sweep-seconds": 10.0},
+        base | {"sweep-backend": "flower", "sweep-client-cpus": float("nan"), "sweep-seconds": 30.0},
+    ]
 
 
 def test_wall_time_parts():
@@ -277,8 +345,12 @@ def test_wall_time_parts():
 
 def test_backend_label():
     labels = backend_label(pd.DataFrame(overhead_rows())).tolist()
-    assert labels == ["in-process", "Flower, 2 client(s) at once", "Flower, 1 client(s) at once",
-                      "Flower, 2 client(s) at once"]
+    assert labels == [
+        "in-process",
+        "Flower, 2 client(s) at once",
+        "Flower, 1 client(s) at once",
+        "Flower, 2 client(s) at once",
+    ]
     half = pd.DataFrame({"sweep-backend": ["flower"], "sweep-client-cpus": [0.5]})
     assert backend_label(half).tolist() == ["Flower, 4 client(s) at once"]
 
@@ -287,9 +359,20 @@ def scaling_rows() -> list[dict]:
     rows = []
     for n, (parallel, sequential, to_one) in {2: (1.0, 2.0, 3.0), 4: (2.0, 5.0, 6.0)}.items():
         for way, seconds in (("tree, parallel", parallel), ("tree, sequential", sequential), ("all-to-one", to_one)):
-            rows.append({"dataset": "digits", "split": "dirichlet", "num-clients": n, "method": "wm", "way": way,
-                         "workers": 2 if way == "tree, parallel" else 1, "merge-seconds": seconds,
-                         "acc_merged_global": 30.0 + n, "peak-rss-mb": 800.0, "cfg": "epochs=1"})
+            rows.append(
+                {
+                    "dataset": "digits",
+                    "split": "dirichlet",
+                    "num-clients": n,
+                    "method": "wm",
+                    "way": way,
+                    "workers": 2 if way == "tree, parallel" else 1,
+                    "merge-seconds": seconds,
+                    "acc_merged_global": 30.0 + n,
+                    "peak-rss-mb": 800.0,
+                    "cfg": "epochs=1",
+                }
+            )
     return rows
 
 
@@ -313,19 +396,28 @@ def test_performance_report_with_only_the_merge_scaling(tmp_path):
 def test_performance_report_with_overhead_and_sweep_but_no_scaling(tmp_path):
     results = tmp_path / "results"
     write_csv(results / "overhead" / "runs.csv", overhead_rows()[:3])
-    sweep = [sweep_row("wm", 2, 0, 60.0), sweep_row("wm", 2, 1, 60.0) | {"server-peak-rss-mb": 950.0},
-             sweep_row("fedavg", 2, 0, 60.0)]
+    sweep = [
+        sweep_row("wm", 2, 0, 60.0),
+        sweep_row("wm", 2, 1, 60.0) | {"server-peak-rss-mb": 950.0},
+        sweep_row("fedavg", 2, 0, 60.0),
+    ]
     write_csv(results / "sweep" / "runs.csv", sweep)
     text = write_performance_report(results).read_text()
     assert "## Merge time against client count" not in text
     assert "## Flower + Ray overhead" in text and "![overhead](overhead.png)" in text
     assert_png(results / "overhead.png")
-    overhead = {(r["num-clients"], r["backend"]): r for r in markdown_rows(text.split("## Flower + Ray overhead", 1)[1].split("\n\n")[2])}
+    overhead = {
+        (r["num-clients"], r["backend"]): r
+        for r in markdown_rows(text.split("## Flower + Ray overhead", 1)[1].split("\n\n")[2])
+    }
     in_process, two_at_once = overhead["4", "in-process"], overhead["4", "Flower, 2 client(s) at once"]
     assert in_process["wall (s)"] == "20" and in_process["everything else"] == "7"
     assert two_at_once["client training"] == "4" and two_at_once["everything else"] == "22"
     assert overhead["4", "Flower, 1 client(s) at once"]["everything else"] == "0"
-    memory = {(r["sweep-method"], r["num-clients"]): r for r in markdown_rows(text.split("## Peak memory", 1)[1].split("\n\n")[2])}
+    memory = {
+        (r["sweep-method"], r["num-clients"]): r
+        for r in markdown_rows(text.split("## Peak memory", 1)[1].split("\n\n")[2])
+    }
     assert memory["wm", "2"]["server peak RSS (MiB)"] == "950"  # the maximum over runs
     assert memory["fedavg", "2"]["client peak RSS (MiB)"] == "700"
 
@@ -340,6 +432,7 @@ def test_performance_report_without_inputs(tmp_path, capsys):
 
 # --- merge_scaling --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def ray_cleanup():
     import ray
@@ -352,8 +445,22 @@ def ray_cleanup():
 
 @pytest.mark.usefixtures("tmp_cache", "ray_cleanup")
 def test_merge_scaling_times_each_way_and_resumes(tmp_path, monkeypatch):
-    args = ["--dataset", "digits", "--clients", "2", "--methods", "wm", "--set", "epochs=1", "--workers", "1",
-            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    args = [
+        "--dataset",
+        "digits",
+        "--clients",
+        "2",
+        "--methods",
+        "wm",
+        "--set",
+        "epochs=1",
+        "--workers",
+        "1",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert merge_scaling.main(args) == 0
     csv = tmp_path / "out" / "merge_scaling.csv"
     rows = pd.read_csv(csv)
@@ -363,7 +470,7 @@ def test_merge_scaling_times_each_way_and_resumes(tmp_path, monkeypatch):
     assert (rows["merge-seconds"] >= 0).all() and (rows["peak-rss-mb"] > 0).all()
     by_way = rows.set_index("way")["acc_merged_global"]
     assert by_way["tree, parallel"] == by_way["tree, sequential"]  # the same tree, run by Ray or in this process
-    assert 0 <= by_way.min() and by_way.max() <= 100
+    assert by_way.min() >= 0 and by_way.max() <= 100
     assert_png(tmp_path / "out" / "merge_scaling.png")
     assert any((tmp_path / "cache").iterdir())  # the clients were trained into the cache
 
@@ -393,6 +500,23 @@ def test_merge_scaling_resumes_without_overrides(tmp_path, monkeypatch):
         raise AssertionError("a resumed benchmark loaded clients again")
 
     monkeypatch.setattr(merge_scaling, "client_nodes", no_clients)
-    assert merge_scaling.main(["--dataset", "digits", "--clients", "2", "--methods", "wm", "--workers", "2",
-                               "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert (
+        merge_scaling.main(
+            [
+                "--dataset",
+                "digits",
+                "--clients",
+                "2",
+                "--methods",
+                "wm",
+                "--workers",
+                "2",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_csv(out / "merge_scaling.csv")) == 3

@@ -29,18 +29,41 @@ def test_defaults():
     assert settings.width is None
     assert settings.train == TrainConfig(epochs=20, lr=0.05, batch_size=64, optimizer="sgd")
     assert settings.surrogate == SurrogateConfig("random", per_class=10)
-    assert (settings.strategy, settings.method, settings.schedule, settings.correction) == ("merge", "ste", "tree", "auto")
+    assert (settings.strategy, settings.method, settings.schedule, settings.correction) == (
+        "merge",
+        "ste",
+        "tree",
+        "auto",
+    )
     assert (settings.num_rounds, settings.merge_workers, settings.clients_start_from_global) == (1, 2, False)
 
 
 def test_overrides():
     settings = settings_from_run_config(
         {
-            "dataset": "mnist,usps", "split": "domain", "data-root": "/data", "seed": 7, "alpha": 1,
-            "model": "cnn", "width": 0.5, "epochs": 3, "lr": 0.1, "batch-size": 32, "optimizer": "adam",
-            "surrogate": "herding", "per-class": 5, "strategy": "fedavg", "method": "np", "schedule": "all-to-one",
-            "correction": "repair", "ste-steps": 10, "np-steps": 20, "num-rounds": 4, "merge-workers": 0,
-            "same-init": True, "results-dir": "out",
+            "dataset": "mnist,usps",
+            "split": "domain",
+            "data-root": "/data",
+            "seed": 7,
+            "alpha": 1,
+            "model": "cnn",
+            "width": 0.5,
+            "epochs": 3,
+            "lr": 0.1,
+            "batch-size": 32,
+            "optimizer": "adam",
+            "surrogate": "herding",
+            "per-class": 5,
+            "strategy": "fedavg",
+            "method": "np",
+            "schedule": "all-to-one",
+            "correction": "repair",
+            "ste-steps": 10,
+            "np-steps": 20,
+            "num-rounds": 4,
+            "merge-workers": 0,
+            "same-init": True,
+            "results-dir": "out",
         },
         num_clients=2,
     )
@@ -48,7 +71,12 @@ def test_overrides():
     assert (settings.model, settings.width) == ("cnn", 0.5)
     assert settings.train == TrainConfig(epochs=3, lr=0.1, batch_size=32, optimizer="adam")
     assert settings.surrogate == SurrogateConfig("herding", per_class=5)
-    assert (settings.strategy, settings.schedule, settings.num_rounds, settings.merge_workers) == ("fedavg", "all-to-one", 4, 0)
+    assert (settings.strategy, settings.schedule, settings.num_rounds, settings.merge_workers) == (
+        "fedavg",
+        "all-to-one",
+        4,
+        0,
+    )
     assert settings.clients_start_from_global and settings.results_dir == "out"
     assert settings.merge_config() == MergeConfig("np", "repair", STEConfig(steps=10), NPConfig(steps=20), seed=7)
 

@@ -14,7 +14,19 @@ from tests.helpers import SHARED, needs_shared
 def test_demo_runs_on_embedded_digits_and_prints_every_method(capsys):
     demo.main(["--epochs", "2", "--width", "32", "--ste-steps", "3", "--np-steps", "3", "--per-class", "2"])
     out = capsys.readouterr().out
-    for label in ("client A", "client B", "ensemble", "average", "WM", "AM", "STE", "NP", "STE+NP", "STE + fine-tune", "train on surrogate"):
+    for label in (
+        "client A",
+        "client B",
+        "ensemble",
+        "average",
+        "WM",
+        "AM",
+        "STE",
+        "NP",
+        "STE+NP",
+        "STE + fine-tune",
+        "train on surrogate",
+    ):
         assert f"│ {label} " in out
     assert "classes of A" in out and "global" in out
 
@@ -25,7 +37,22 @@ def test_demo_rejects_unknown_dataset():
 
 
 def test_ste_speed_measures_both_projections(tmp_path):
-    ste_speed.main(["--models", "mlp", "--steps", "3", "--repeats", "1", "--epochs", "1", "--per-class", "2", "--out", str(tmp_path)])
+    ste_speed.main(
+        [
+            "--models",
+            "mlp",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--epochs",
+            "1",
+            "--per-class",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     frame = pd.read_csv(tmp_path / "ste_speed.csv")
     assert set(frame["projection"]) == {"warm", "full"}
     assert (frame["steps_per_second"] > 0).all()
@@ -36,9 +63,23 @@ def fake_table2_rows() -> pd.DataFrame:
     rows = []
     for seed, shift in ((0, 0.0), (1, 2.0)):
         for pair in ("MNIST-RMNIST90", "USPS-MNIST"):
-            for label, acc, surrogate in (("Model A", 50.0, ""), ("WM", 70.0, ""), ("NP (coreset 10/class)", 80.0, "condensed")):
-                rows.append({"pair": pair, "seed": seed, "label": label, "acc_mixed": acc + shift, "seconds": acc / 10 + seed,
-                             "train_seconds": 40.0 + seed, "surrogate": surrogate, "surrogate_seconds": 100.0 if surrogate else 0.0})
+            for label, acc, surrogate in (
+                ("Model A", 50.0, ""),
+                ("WM", 70.0, ""),
+                ("NP (coreset 10/class)", 80.0, "condensed"),
+            ):
+                rows.append(
+                    {
+                        "pair": pair,
+                        "seed": seed,
+                        "label": label,
+                        "acc_mixed": acc + shift,
+                        "seconds": acc / 10 + seed,
+                        "train_seconds": 40.0 + seed,
+                        "surrogate": surrogate,
+                        "surrogate_seconds": 100.0 if surrogate else 0.0,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

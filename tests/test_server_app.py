@@ -18,9 +18,16 @@ def settings(**overrides):
 
 
 def test_make_strategy_follows_the_run_config():
-    merge = make_strategy(settings(method="wm", schedule="all-to-one", **{"merge-workers": 0}), template_model(settings()), 2)
+    merge = make_strategy(
+        settings(method="wm", schedule="all-to-one", **{"merge-workers": 0}), template_model(settings()), 2
+    )
     assert isinstance(merge, PermutationMerge) and isinstance(merge.runner, SequentialRunner)
-    assert (merge.merge.method, merge.schedule, merge.min_available_nodes, merge.num_classes) == ("wm", "all-to-one", 2, 10)
+    assert (merge.merge.method, merge.schedule, merge.min_available_nodes, merge.num_classes) == (
+        "wm",
+        "all-to-one",
+        2,
+        10,
+    )
     assert isinstance(make_strategy(settings(), template_model(settings()), 2).runner, RayRunner)
     assert isinstance(make_strategy(settings(strategy="fedavg"), template_model(settings()), 2), SortedFedAvg)
 
@@ -34,7 +41,10 @@ def test_template_model_is_seeded_by_the_run_seed():
 def outcome() -> RunOutcome:
     run = settings(width=32)
     clients = [template_model(settings(width=32, seed=s)) for s in (10, 11)]
-    updates = [ClientUpdate(k, 100 + k, m.state_dict(), 50 * (k + 1), None, {"train-seconds": 2.0 * (k + 1)}) for k, m in enumerate(clients)]
+    updates = [
+        ClientUpdate(k, 100 + k, m.state_dict(), 50 * (k + 1), None, {"train-seconds": 2.0 * (k + 1)})
+        for k, m in enumerate(clients)
+    ]
     return RunOutcome(template_model(run), updates, [("node 9", "failed")], 1.5)
 
 

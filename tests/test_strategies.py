@@ -33,19 +33,36 @@ def small_mlp(seed: int) -> torch.nn.Module:
 
 def surrogate(seed: int, n: int = 20) -> LabeledImages:
     g = torch.Generator().manual_seed(seed)
-    return LabeledImages(torch.randn(n, *IN_SHAPE, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g), NUM_CLASSES)
+    return LabeledImages(
+        torch.randn(n, *IN_SHAPE, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g), NUM_CLASSES
+    )
 
 
-def reply(partition_id: int, state=None, num_examples: int = 100, data: LabeledImages | None | str = "auto", node_id: int | None = None) -> Message:
+def reply(
+    partition_id: int,
+    state=None,
+    num_examples: int = 100,
+    data: LabeledImages | None | str = "auto",
+    node_id: int | None = None,
+) -> Message:
     """A client's reply as the server receives it (node ids are unrelated to partition ids, as in Flower)."""
     node_id = node_id if node_id is not None else 1000 + 7 * partition_id
     state = state if state is not None else small_mlp(partition_id).state_dict()
     data = surrogate(partition_id) if data == "auto" else data
-    return client_reply(flower_message("train", dst_node_id=node_id), state, num_examples, partition_id, data, {"train-accuracy": 50.0 + partition_id})
+    return client_reply(
+        flower_message("train", dst_node_id=node_id),
+        state,
+        num_examples,
+        partition_id,
+        data,
+        {"train-accuracy": 50.0 + partition_id},
+    )
 
 
 def failed_reply(node_id: int) -> Message:
-    return Message(Error(code=0, reason="client crashed: out of memory"), reply_to=flower_message("train", dst_node_id=node_id))
+    return Message(
+        Error(code=0, reason="client crashed: out of memory"), reply_to=flower_message("train", dst_node_id=node_id)
+    )
 
 
 def nodes_of(replies: list[Message]) -> list[MergeNode]:
@@ -79,7 +96,9 @@ def test_plain_flower_reply_with_weights_only_is_read_with_the_node_id_as_partit
     from flwr.app import MetricRecord
 
     state = small_mlp(1).state_dict()
-    content = RecordDict({"model": ArrayRecord(state), "train_metrics": MetricRecord({"num-examples": 64, "train_loss": 0.3})})
+    content = RecordDict(
+        {"model": ArrayRecord(state), "train_metrics": MetricRecord({"num-examples": 64, "train_loss": 0.3})}
+    )
     update = read_reply(Message(content, reply_to=flower_message("train", dst_node_id=42)), NUM_CLASSES)
     assert (update.partition_id, update.node_id, update.num_examples, update.surrogate) == (42, 42, 64, None)
     assert_states_equal(update.state, state)
@@ -98,8 +117,17 @@ def test_accept_replies_sorts_by_partition_and_leaves_out_bad_replies_with_reaso
     wrong_shape = small_mlp(5).state_dict() | {next(iter(reference)): torch.zeros(3, 3)}
     empty = LabeledImages(torch.zeros(0, *IN_SHAPE), torch.zeros(0, dtype=torch.long), NUM_CLASSES)
     bad_labels = LabeledImages(torch.zeros(2, *IN_SHAPE), torch.tensor([0, 12]), NUM_CLASSES)
-    replies = [reply(2), failed_reply(77), reply(0), reply(4, state=nan_state), reply(5, state=wrong_shape),
-               reply(6, data=empty), reply(7, data=bad_labels), reply(1, data=None), reply(2, node_id=5)]
+    replies = [
+        reply(2),
+        failed_reply(77),
+        reply(0),
+        reply(4, state=nan_state),
+        reply(5, state=wrong_shape),
+        reply(6, data=empty),
+        reply(7, data=bad_labels),
+        reply(1, data=None),
+        reply(2, node_id=5),
+    ]
     with caplog.at_level(logging.WARNING, logger="strategies"):
         updates, rejected = accept_replies(replies, reference, NUM_CLASSES, IN_SHAPE)
     assert [u.partition_id for u in updates] == [0, 1, 2]
@@ -124,7 +152,13 @@ def test_plain_averaging_schedules_weight_every_client_by_its_sample_count(sched
     """With method 'average' (no alignment) any schedule must give FedAvg's example-weighted average."""
     counts = [50, 120, 30, 200, 80][:n_clients]
     replies = [reply(k, num_examples=n) for k, n in enumerate(counts)]
-    merged, steps = run_schedule(schedule, small_mlp(0), nodes_of(replies), MergeConfig(method="average", correction="none"), SequentialRunner("cpu"))
+    merged, steps = run_schedule(
+        schedule,
+        small_mlp(0),
+        nodes_of(replies),
+        MergeConfig(method="average", correction="none"),
+        SequentialRunner("cpu"),
+    )
     expected = weighted_average([small_mlp(k).state_dict() for k in range(n_clients)], [float(n) for n in counts])
     assert_states_equal(merged.state, expected, exact=False)
     assert merged.members == tuple(range(n_clients)) and merged.num_examples == sum(counts)
@@ -135,14 +169,20 @@ def test_tree_levels_pair_neighbours_and_carry_the_odd_node():
     replies = [reply(k, num_examples=10 * (k + 1)) for k in range(5)]
     _, steps = run_schedule("tree", small_mlp(0), nodes_of(replies), MergeConfig(method="wm"), SequentialRunner("cpu"))
     assert [(s.level, s.members_a, s.members_b) for s in steps] == [
-        (1, (0,), (1,)), (1, (2,), (3,)), (2, (0, 1), (2, 3)), (3, (0, 1, 2, 3), (4,))]
+        (1, (0,), (1,)),
+        (1, (2,), (3,)),
+        (2, (0, 1), (2, 3)),
+        (3, (0, 1, 2, 3), (4,)),
+    ]
     assert steps[-1].lam == pytest.approx(50 / 150)
     assert all(s.method == "wm" for s in steps)
 
 
 def test_all_to_one_folds_clients_in_partition_order():
     replies = [reply(k) for k in range(4)]
-    _, steps = run_schedule("all-to-one", small_mlp(0), nodes_of(replies), MergeConfig(method="wm"), SequentialRunner("cpu"))
+    _, steps = run_schedule(
+        "all-to-one", small_mlp(0), nodes_of(replies), MergeConfig(method="wm"), SequentialRunner("cpu")
+    )
     assert [(s.members_a, s.members_b) for s in steps] == [((0,), (1,)), ((0, 1), (2,)), ((0, 1, 2), (3,))]
     assert [s.lam for s in steps] == pytest.approx([1 / 2, 1 / 3, 1 / 4])
 
@@ -158,7 +198,10 @@ def test_client_without_surrogate_is_merged_by_weight_matching_with_a_log_line(c
     with caplog.at_level(logging.WARNING, logger="strategies"):
         _, steps = run_schedule("tree", small_mlp(0), nodes_of(replies), config, SequentialRunner("cpu"))
     assert [s.method for s in steps] == ["wm", "ste", "wm"]
-    assert any("client(s) [1] sent no surrogate" in r.message and "data-free weight matching" in r.message for r in caplog.records)
+    assert any(
+        "client(s) [1] sent no surrogate" in r.message and "data-free weight matching" in r.message
+        for r in caplog.records
+    )
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -185,7 +228,9 @@ def test_permutation_merge_is_deterministic_whatever_the_reply_order():
 
 @pytest.mark.parametrize("method", ["average", "wm", "am", "ste", "np", "ste+np"])
 def test_every_merge_method_runs_a_three_client_tree(method):
-    config = MergeConfig(method=method, ste=STEConfig(steps=3, batch_size=16), np=NPConfig(steps=3, batch_size=16), seed=0)
+    config = MergeConfig(
+        method=method, ste=STEConfig(steps=3, batch_size=16), np=NPConfig(steps=3, batch_size=16), seed=0
+    )
     strategy = PermutationMerge(small_mlp(0), config, runner=SequentialRunner("cpu"))
     arrays, metrics = strategy.aggregate_train(1, [reply(k, num_examples=20 + k) for k in range(3)])
     merged = arrays.to_torch_state_dict()
@@ -224,7 +269,9 @@ def test_permutation_merge_leaves_out_broken_clients_and_reports_them(caplog):
     strategy = merge_strategy("wm")
     bad = small_mlp(2).state_dict() | {next(iter(small_mlp(0).state_dict())): torch.full((16, 64), math.inf)}
     with caplog.at_level(logging.WARNING, logger="strategies"):
-        arrays, metrics = strategy.aggregate_train(1, [reply(0), failed_reply(9), reply(2, state=bad), reply(1, data=None)])
+        arrays, metrics = strategy.aggregate_train(
+            1, [reply(0), failed_reply(9), reply(2, state=bad), reply(1, data=None)]
+        )
     assert metrics["clients-merged"] == 2 and metrics["clients-left-out"] == 2
     assert [who for who, _ in strategy.left_out] == ["node 9", "client 2 (node 1014)"]
     assert any("client 1 (node 1007) sent no surrogate" in r.message for r in caplog.records)
@@ -253,7 +300,8 @@ def test_permutation_merge_checks_its_arguments():
 
 def test_sorted_fedavg_averages_by_sample_count_in_partition_order():
     states = [small_mlp(k).state_dict() for k in range(3)]
-    replies = [reply(k, state=states[k], num_examples=n, data=None) for k, n in zip(range(3), [10, 30, 60])]
+    counts = [10, 30, 60]
+    replies = [reply(k, state=states[k], num_examples=n, data=None) for k, n in enumerate(counts)]
     strategy = SortedFedAvg(NUM_CLASSES)
     arrays, metrics = strategy.aggregate_train(1, [replies[2], failed_reply(3), replies[0], replies[1]])
     expected = weighted_average(states, [10.0, 30.0, 60.0])
@@ -279,7 +327,9 @@ def test_ray_levels_give_the_same_merge_as_in_process(ray_runner):
     local, local_steps = run_schedule("tree", small_mlp(0), nodes_of(replies), config, SequentialRunner("cpu"))
     remote, remote_steps = run_schedule("tree", small_mlp(0), nodes_of(replies), config, ray_runner)
     assert_states_equal(local.state, remote.state)
-    assert [(s.members_a, s.members_b, s.method) for s in local_steps] == [(s.members_a, s.members_b, s.method) for s in remote_steps]
+    assert [(s.members_a, s.members_b, s.method) for s in local_steps] == [
+        (s.members_a, s.members_b, s.method) for s in remote_steps
+    ]
 
 
 def test_ray_runner_checks_workers():

@@ -99,16 +99,20 @@ def test_coreset_rejects_bad_arguments(method):
 
 def mean_error(core: LabeledImages, data: LabeledImages) -> float:
     """Average over classes of |mean of the picks - class mean|."""
-    return sum(
-        (class_rows(core, c).mean(0) - class_rows(data, c).mean(0)).norm().item() for c in range(NUM_CLASSES)
-    ) / NUM_CLASSES
+    return (
+        sum((class_rows(core, c).mean(0) - class_rows(data, c).mean(0)).norm().item() for c in range(NUM_CLASSES))
+        / NUM_CLASSES
+    )
 
 
 def coverage_radius(core: LabeledImages, data: LabeledImages) -> float:
     """Average over classes of the largest distance from an image to its nearest picked centre."""
-    return sum(
-        torch.cdist(class_rows(data, c), class_rows(core, c)).min(1).values.max().item() for c in range(NUM_CLASSES)
-    ) / NUM_CLASSES
+    return (
+        sum(
+            torch.cdist(class_rows(data, c), class_rows(core, c)).min(1).values.max().item() for c in range(NUM_CLASSES)
+        )
+        / NUM_CLASSES
+    )
 
 
 def test_herding_tracks_the_class_mean_better_than_random():

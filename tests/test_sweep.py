@@ -37,11 +37,11 @@ from simulations.sweep import (
     PlannedRun,
     SweepGrid,
     SweepOptions,
-    parse_assignment,
-    parse_surrogate,
     fedavg_counterpart,
     finished_rows,
     main,
+    parse_assignment,
+    parse_surrogate,
     plan,
     run_sweep,
     with_fedavg_baselines,
@@ -63,10 +63,19 @@ def federation_of(run: PlannedRun) -> tuple:
 
 # --- plan -----------------------------------------------------------------------------------------------------------
 
+
 def test_plan_runs_fedavg_first_once_per_federation():
-    grid = SweepGrid(datasets=["digits"], splits=["disjoint", "dirichlet"], alphas=[0.5, 1.0], clients=[2, 12],
-                     methods=["wm", "average"], surrogates=[("random", 10), ("herding", 5)], fedavg_rounds=3,
-                     overrides={"epochs": 2}, backend="in-process")
+    grid = SweepGrid(
+        datasets=["digits"],
+        splits=["disjoint", "dirichlet"],
+        alphas=[0.5, 1.0],
+        clients=[2, 12],
+        methods=["wm", "average"],
+        surrogates=[("random", 10), ("herding", 5)],
+        fedavg_rounds=3,
+        overrides={"epochs": 2},
+        backend="in-process",
+    )
     runs, skipped = plan(grid)
     assert skipped == [("digits disjoint N=12", "a disjoint split needs a class per client, digits has 10")]
     federations: dict[tuple, list[PlannedRun]] = {}
@@ -76,7 +85,11 @@ def test_plan_runs_fedavg_first_once_per_federation():
     for members in federations.values():
         assert members[0].is_fedavg and not any(run.is_fedavg for run in members[1:])
         assert sorted((run.method, run.config["surrogate"], run.config["per-class"]) for run in members[1:]) == [
-            ("average", "herding", 5), ("average", "random", 10), ("wm", "herding", 5), ("wm", "random", 10)]
+            ("average", "herding", 5),
+            ("average", "random", 10),
+            ("wm", "herding", 5),
+            ("wm", "random", 10),
+        ]
         assert members[0].config["num-rounds"] == 3 and all(run.config["num-rounds"] == 1 for run in members[1:])
     assert len(runs) == 5 * 5 and len({run.key for run in runs}) == len(runs)
     assert all(run.config["epochs"] == 2 and run.backend == "in-process" for run in runs)
@@ -88,8 +101,11 @@ def test_plan_runs_fedavg_first_once_per_federation():
 
 
 def test_plan_without_fedavg_and_over_seeds():
-    runs, skipped = plan(SweepGrid(datasets=["digits"], splits=["iid"], clients=[2, 3], methods=["average"],
-                                   seeds=[0, 1], fedavg_rounds=0))
+    runs, skipped = plan(
+        SweepGrid(
+            datasets=["digits"], splits=["iid"], clients=[2, 3], methods=["average"], seeds=[0, 1], fedavg_rounds=0
+        )
+    )
     assert skipped == [] and len(runs) == 4 and not any(run.is_fedavg for run in runs)
     assert [(run.config["seed"], run.num_clients) for run in runs] == [(0, 2), (0, 3), (1, 2), (1, 3)]
 
@@ -109,20 +125,23 @@ def test_run_keys_are_stable_and_depend_on_what_decides_the_run():
     assert run.config == config and run.method == "ste" and PlannedRun.make(config, 2, "flower") == run
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"overrides": {"method": "wm"}}, "cannot change"),
-    ({"overrides": {"seed": 1}}, "cannot change"),
-    ({"overrides": {"results-dir": "x"}}, "cannot change"),
-    ({"overrides": {"no-such-key": 1}}, "unknown run config keys"),
-    ({"overrides": {"epochs": -1}}, "'epochs' must be >= 0"),
-    ({"overrides": {"epochs": "two"}}, "'epochs' must be an integer"),
-    ({"methods": ["wm", "nope"]}, "unknown methods"),
-    ({"surrogates": [("nope", 10)]}, "bad surrogate nope:10"),
-    ({"surrogates": [("random", 0)]}, "bad surrogate random:0"),
-    ({"backend": "ray"}, "unknown backend"),
-    ({"clients": [1, 2]}, "client counts >= 2"),
-    ({"fedavg_rounds": -1}, "fedavg-rounds"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"overrides": {"method": "wm"}}, "cannot change"),
+        ({"overrides": {"seed": 1}}, "cannot change"),
+        ({"overrides": {"results-dir": "x"}}, "cannot change"),
+        ({"overrides": {"no-such-key": 1}}, "unknown run config keys"),
+        ({"overrides": {"epochs": -1}}, "'epochs' must be >= 0"),
+        ({"overrides": {"epochs": "two"}}, "'epochs' must be an integer"),
+        ({"methods": ["wm", "nope"]}, "unknown methods"),
+        ({"surrogates": [("nope", 10)]}, "bad surrogate nope:10"),
+        ({"surrogates": [("random", 0)]}, "bad surrogate random:0"),
+        ({"backend": "ray"}, "unknown backend"),
+        ({"clients": [1, 2]}, "client counts >= 2"),
+        ({"fedavg_rounds": -1}, "fedavg-rounds"),
+    ],
+)
 def test_sweep_grid_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SweepGrid(datasets=["digits"], **kwargs)
@@ -130,9 +149,11 @@ def test_sweep_grid_rejects_bad_settings(kwargs, message):
 
 # --- FedAvg baselines -----------------------------------------------------------------------------------------------
 
+
 def merge_run(**config) -> PlannedRun:
-    return PlannedRun.make(DEFAULT_RUN_CONFIG | {"method": "wm", "surrogate": "herding", "per-class": 5} | config, 4,
-                           "in-process")
+    return PlannedRun.make(
+        DEFAULT_RUN_CONFIG | {"method": "wm", "surrogate": "herding", "per-class": 5} | config, 4, "in-process"
+    )
 
 
 def test_fedavg_counterpart_keeps_the_federation_and_drops_the_merge_settings():
@@ -148,7 +169,12 @@ def test_fedavg_counterpart_keeps_the_federation_and_drops_the_merge_settings():
 def test_with_fedavg_baselines():
     run = merge_run()
     fedavg = fedavg_counterpart(run, 3)
-    fedavg_row = {"run-key": fedavg.key, "acc_round1_global": 40.0, "acc_round2_global": 50.0, "acc_round3_global": 60.0}
+    fedavg_row = {
+        "run-key": fedavg.key,
+        "acc_round1_global": 40.0,
+        "acc_round2_global": 50.0,
+        "acc_round3_global": 60.0,
+    }
     own = with_fedavg_baselines(dict(fedavg_row), fedavg, pd.DataFrame(columns=["run-key"]), 3)
     assert (own["fedavg-rounds"], own["acc_fedavg1_global"], own["acc_fedavgR_global"]) == (3, 40.0, 60.0)
 
@@ -165,17 +191,28 @@ def test_with_fedavg_baselines():
 
 
 def test_a_run_key_of_digits_survives_the_csv(tmp_path):
-    run = next(r for r in (PlannedRun.make(DEFAULT_RUN_CONFIG | {"seed": s}, 2, "in-process") for s in range(10**6))
-               if r.key.isdigit() and r.key.startswith("0"))
+    run = next(
+        r
+        for r in (PlannedRun.make(DEFAULT_RUN_CONFIG | {"seed": s}, 2, "in-process") for s in range(10**6))
+        if r.key.isdigit() and r.key.startswith("0")
+    )
     save_rows(tmp_path / "runs.csv", [{"run-key": run.key, "acc_round1_global": 50.0}])
     assert run.key in set(finished_rows(tmp_path / "runs.csv")["run-key"])
 
 
 # --- run_sweep, in process --------------------------------------------------------------------------------------------
 
+
 def tiny_runs() -> list[PlannedRun]:
-    grid = SweepGrid(datasets=["digits"], splits=["disjoint"], clients=[2], methods=["wm", "average"],
-                     fedavg_rounds=2, overrides=TINY, backend="in-process")
+    grid = SweepGrid(
+        datasets=["digits"],
+        splits=["disjoint"],
+        clients=[2],
+        methods=["wm", "average"],
+        fedavg_rounds=2,
+        overrides=TINY,
+        backend="in-process",
+    )
     return plan(grid)[0]
 
 
@@ -202,13 +239,17 @@ def test_run_sweep_writes_a_row_per_run_with_the_fedavg_baselines(swept):
     assert (rows["acc_fedavg1_global"] == fedavg["acc_round1_global"]).all()
     assert (rows["acc_fedavgR_global"] == fedavg["acc_round2_global"]).all()
     merges = rows.iloc[1:]
-    assert (merges["acc_round1_global"] == merges["acc_merged_global"]).all() and merges["acc_round2_global"].isna().all()
-    assert merges["acc_surrogate-trained_global"].between(0, 100).all() and math.isnan(fedavg["acc_surrogate-trained_global"])
+    assert (merges["acc_round1_global"] == merges["acc_merged_global"]).all() and merges[
+        "acc_round2_global"
+    ].isna().all()
+    assert merges["acc_surrogate-trained_global"].between(0, 100).all() and math.isnan(
+        fedavg["acc_surrogate-trained_global"]
+    )
     # every merge method merges the same clients: the second one finds them in the cache
     assert list(rows["clients-cached"]) == [0, 0, 2]
     assert rows.iloc[1]["acc_client0_global"] == rows.iloc[2]["acc_client0_global"]
     assert (rows["cfg_client-cache"] == str(options.cache_dir)).all() and options.cache_dir.is_dir()
-    for run, results_dir in zip(runs, rows["cfg_results-dir"]):
+    for run, results_dir in zip(runs, rows["cfg_results-dir"], strict=True):
         assert Path(results_dir) == (options.out / "runs" / run.key).resolve()
         assert (Path(results_dir) / "runs.csv").exists()
 
@@ -258,21 +299,60 @@ def test_a_failed_run_is_reported_and_retried_by_the_next_sweep(swept, tmp_path,
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
+
 def test_dry_run_lists_the_runs_and_the_skipped(capsys, tmp_path):
-    argv = ["--datasets", "digits", "--splits", "disjoint", "--clients", "2", "12", "--methods", "wm", "average",
-            "--fedavg-rounds", "2", "--set", "epochs=2", "ste-steps=5", "--backend", "in-process", "--out", str(tmp_path)]
+    argv = [
+        "--datasets",
+        "digits",
+        "--splits",
+        "disjoint",
+        "--clients",
+        "2",
+        "12",
+        "--methods",
+        "wm",
+        "average",
+        "--fedavg-rounds",
+        "2",
+        "--set",
+        "epochs=2",
+        "ste-steps=5",
+        "--backend",
+        "in-process",
+        "--out",
+        str(tmp_path),
+    ]
     assert main([*argv, "--dry-run"]) == 0
     err = capsys.readouterr().err
-    grid = SweepGrid(["digits"], ["disjoint"], [0.5], [2, 12], ["wm", "average"], [("random", 10)], [0], 2,
-                     {"epochs": 2, "ste-steps": 5}, "in-process")
+    grid = SweepGrid(
+        ["digits"],
+        ["disjoint"],
+        [0.5],
+        [2, 12],
+        ["wm", "average"],
+        [("random", 10)],
+        [0],
+        2,
+        {"epochs": 2, "ste-steps": 5},
+        "in-process",
+    )
     runs = plan(grid)[0]
     assert len(runs) == 3 and all(run.key in err for run in runs)
     assert "skipped digits disjoint N=12" in err
     assert list(tmp_path.iterdir()) == []  # nothing ran
 
 
-@pytest.mark.parametrize("bad", [["--set", 'method="wm"'], ["--set", "epochs=-1"], ["--set", "nope=1"],
-                                 ["--methods", "nope"], ["--clients", "1"], ["--surrogates", "nope:3"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--set", 'method="wm"'],
+        ["--set", "epochs=-1"],
+        ["--set", "nope=1"],
+        ["--methods", "nope"],
+        ["--clients", "1"],
+        ["--surrogates", "nope:3"],
+    ],
+)
 def test_bad_option_values_return_2(bad, capsys):
     assert main(["--datasets", "digits", "--dry-run", *bad]) == 2
     assert "error:" in capsys.readouterr().err
@@ -289,6 +369,7 @@ def fake_sweep(rows_written: int, failures: list):
     def run(runs, options, console=None):
         save_rows(options.csv_path, [{"run-key": run.key} for run in runs[:rows_written]])
         return failures
+
     return run
 
 
@@ -301,16 +382,19 @@ def test_main_returns_1_when_a_run_failed(monkeypatch, tmp_path):
     assert main(argv) == 0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("epochs=2", ("epochs", 2)),
-    ("lr=0.01", ("lr", 0.01)),
-    ("same-init=true", ("same-init", True)),
-    ('optimizer="adam"', ("optimizer", "adam")),
-    ("optimizer=adam", ("optimizer", "adam")),  # a bare word is a string
-    ("data-root=/data/x y", ("data-root", "/data/x y")),
-    (" epochs = 3", ("epochs", 3)),
-    ("results-dir=a=b", ("results-dir", "a=b")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("epochs=2", ("epochs", 2)),
+        ("lr=0.01", ("lr", 0.01)),
+        ("same-init=true", ("same-init", True)),
+        ('optimizer="adam"', ("optimizer", "adam")),
+        ("optimizer=adam", ("optimizer", "adam")),  # a bare word is a string
+        ("data-root=/data/x y", ("data-root", "/data/x y")),
+        (" epochs = 3", ("epochs", 3)),
+        ("results-dir=a=b", ("results-dir", "a=b")),
+    ],
+)
 def test_assignment(text, expected):
     key, value = parse_assignment(text)
     assert (key, value) == expected and type(value) is type(expected[1])
@@ -331,8 +415,20 @@ def test_surrogate():
 
 # --- the flwr run command -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, text", [(True, "true"), (False, "false"), (3, "3"), (-2, "-2"), (0.5, "0.5"),
-                                         (1e-05, "1e-05"), ("wm", '"wm"'), ('a "b" \\c', '"a \\"b\\" \\\\c"')])
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (True, "true"),
+        (False, "false"),
+        (3, "3"),
+        (-2, "-2"),
+        (0.5, "0.5"),
+        (1e-05, "1e-05"),
+        ("wm", '"wm"'),
+        ('a "b" \\c', '"a \\"b\\" \\\\c"'),
+    ],
+)
 def test_toml_value(value, text):
     assert toml_value(value) == text
     parsed = tomllib.loads(f"v = {text}")["v"]
@@ -348,8 +444,14 @@ def test_toml_value_rejects_other_types():
 def test_run_config_argument_is_what_flower_parses_back():
     from flwr.common.config import parse_config_args
 
-    run_config = {"epochs": 2, "lr": 0.05, "same-init": False, "method": "wm", "results-dir": "/tmp/a b/c=d",
-                  "data-root": "C:\\data"}
+    run_config = {
+        "epochs": 2,
+        "lr": 0.05,
+        "same-init": False,
+        "method": "wm",
+        "results-dir": "/tmp/a b/c=d",
+        "data-root": "C:\\data",
+    }
     argument = run_config_argument(run_config)
     assert argument.startswith('epochs=2 lr=0.05 same-init=false method="wm" ')
     assert parse_config_args([argument]) == run_config
@@ -359,14 +461,19 @@ def test_run_config_argument_is_what_flower_parses_back():
 def test_flwr_run_command():
     command = flwr_run_command({"epochs": 2, "method": "wm"}, num_supernodes=3)
     assert Path(command[0]).name == "flwr" and command[1:4] == ["run", str(PROJECT), "--stream"]
-    assert command[4:] == ["--run-config", 'epochs=2 method="wm"', "--federation-config",
-                           "num-supernodes=3 client-resources-num-cpus=1"]
+    assert command[4:] == [
+        "--run-config",
+        'epochs=2 method="wm"',
+        "--federation-config",
+        "num-supernodes=3 client-resources-num-cpus=1",
+    ]
     command = flwr_run_command({}, 8, client_cpus=2.0, client_gpus=0.25, project=Path("/elsewhere"))
     assert command[2] == "/elsewhere"
     assert command[-1] == "num-supernodes=8 client-resources-num-cpus=2 client-resources-num-gpus=0.25"
 
 
-# --- results-row columns a sweep reads ---------------------------------------------------------------------------------
+# --- results-row columns a sweep reads ---
+
 
 def row_settings(**overrides):
     return settings_from_run_config({"width": 32, "per-class": 3, "seed": 5, **overrides}, num_clients=2)
@@ -375,7 +482,10 @@ def row_settings(**overrides):
 def test_results_row_has_round_accuracies_cache_hits_and_peak_memory():
     settings = row_settings()
     model = template_model(settings)
-    metrics = [{"train-seconds": 2.0, "cached": 1, "peak-rss-mb": 300.0}, {"train-seconds": 4.0, "cached": 1, "peak-rss-mb": 500.0}]
+    metrics = [
+        {"train-seconds": 2.0, "cached": 1, "peak-rss-mb": 300.0},
+        {"train-seconds": 4.0, "cached": 1, "peak-rss-mb": 500.0},
+    ]
     updates = [ClientUpdate(k, k, model.state_dict(), 10, None, metrics[k]) for k in range(2)]
     outcome = RunOutcome(model, updates, [], 0.25, {2: 61.234, 1: 50.004})
     table = {"merged": {"global": 55.556}}
@@ -431,7 +541,9 @@ def test_flower_backend_reads_the_row_the_server_app_wrote_and_passes_cpus_and_l
     row = sweep.execute(run, options)
     config, supernodes, flwr_home, cpus = calls[0]
     assert (supernodes, cpus, flwr_home) == (3, 2.0, (tmp_path / "out" / "flwr-home").resolve())
-    assert config["client-cache"] == str((tmp_path / "out" / "client-cache").resolve()) and config["data-root"] == "/data"
+    assert (
+        config["client-cache"] == str((tmp_path / "out" / "client-cache").resolve()) and config["data-root"] == "/data"
+    )
     assert Path(config["results-dir"]) == (tmp_path / "out" / "runs" / run.key).resolve()
     assert row["acc_merged_global"] == 81.5 and row["run-key"] == run.key and row["sweep-client-cpus"] == 2.0
 

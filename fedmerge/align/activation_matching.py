@@ -15,6 +15,7 @@ from torch import nn
 from fedmerge.align.permute import Perms
 from fedmerge.align.weight_matching import solve_assignment
 from fedmerge.data.images import LabeledImages
+from fedmerge.models.protocol import activation_points, model_spec
 
 METRICS = ("correlation", "inner")
 
@@ -31,31 +32,26 @@ class _CrossMoments:
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum_a = self.sum_b = self.sq_a = self.sq_b = self.cross = None
+        # sum of a, sum of b, sum of a^2, sum of b^2, a^T b
+        self.sums: list[torch.Tensor] = []
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
-        parts = (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b)
-        if self.cross is None:
-            self.sum_a, self.sum_b, self.sq_a, self.sq_b, self.cross = parts
-        else:
-            self.sum_a += parts[0]
-            self.sum_b += parts[1]
-            self.sq_a += parts[2]
-            self.sq_b += parts[3]
-            self.cross += parts[4]
+        parts = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b]
+        self.sums = parts if not self.sums else [old + new for old, new in zip(self.sums, parts, strict=True)]
         self.n += len(a)
 
     def similarity(self, metric: str, eps: float = 1e-12) -> torch.Tensor:
         """``S[i, j]`` between unit ``i`` of A and unit ``j`` of B: Pearson correlation or mean inner product."""
-        if self.cross is None:
+        if not self.sums:
             raise ValueError("no activations were recorded")
+        sum_a, sum_b, sq_a, sq_b, cross = self.sums
         if metric == "inner":
-            return self.cross / self.n
-        mean_a, mean_b = self.sum_a / self.n, self.sum_b / self.n
-        cov = self.cross / self.n - torch.outer(mean_a, mean_b)
-        std_a = (self.sq_a / self.n - mean_a**2).clamp_min(0).sqrt()
-        std_b = (self.sq_b / self.n - mean_b**2).clamp_min(0).sqrt()
+            return cross / self.n
+        mean_a, mean_b = sum_a / self.n, sum_b / self.n
+        cov = cross / self.n - torch.outer(mean_a, mean_b)
+        std_a = (sq_a / self.n - mean_a**2).clamp_min(0).sqrt()
+        std_b = (sq_b / self.n - mean_b**2).clamp_min(0).sqrt()
         return cov / (torch.outer(std_a, std_b) + eps)
 
 
@@ -104,12 +100,14 @@ def activation_similarities(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    points = model_a.activation_points()
-    if points != model_b.activation_points():
+    points = activation_points(model_a)
+    if points != activation_points(model_b):
         raise ValueError("models A and B have different activation points (different architectures?)")
-    perm_names = set(model_a.permutation_spec().perm_names)
+    perm_names = set(model_spec(model_a).perm_names)
     if set(points) != perm_names:
-        raise ValueError(f"activation points {sorted(points)} do not match the spec's permutations {sorted(perm_names)}")
+        raise ValueError(
+            f"activation points {sorted(points)} do not match the spec's permutations {sorted(perm_names)}"
+        )
     x = _inputs(data)
     modes = (model_a.training, model_b.training)
     model_a.to(device).eval()

@@ -20,7 +20,9 @@ def random_perms(spec: PermutationSpec, state: State, generator: torch.Generator
     return {p: torch.randperm(n, generator=generator) for p, n in spec.perm_sizes(state).items()}
 
 
-def permute_tensor(spec: PermutationSpec, perms: Perms, key: str, tensor: torch.Tensor, skip_axis: int | None = None) -> torch.Tensor:
+def permute_tensor(
+    spec: PermutationSpec, perms: Perms, key: str, tensor: torch.Tensor, skip_axis: int | None = None
+) -> torch.Tensor:
     """Permute every axis of ``tensor`` (state entry ``key``) that the spec names, except ``skip_axis``."""
     for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
         if perm is not None and axis != skip_axis:

@@ -326,10 +326,7 @@ def _read_source(
         dirs[0].mkdir(parents=True, exist_ok=True)
         return source.read(dirs[0], train, True, False)
     missing = [
-        d / rel
-        for d in dirs
-        for rel in source.tv_files(train) + source.shared_files(train)
-        if not (d / rel).is_file()
+        d / rel for d in dirs for rel in source.tv_files(train) + source.shared_files(train) if not (d / rel).is_file()
     ]
     raise DatasetNotFoundError(source.name, train, list(dirs), missing)
 
@@ -389,7 +386,9 @@ def canonical_name(name: str) -> str:
         return f"rmnist-{int(match.group(1))}"
     valid = ", ".join(DATASET_NAMES)
     aliases = ", ".join(f"{a} -> {c}" for a, c in ALIASES.items())
-    raise ValueError(f"unknown dataset {name!r}; valid names: {valid}, rmnist-<deg> (e.g. rmnist-90); aliases: {aliases}")
+    raise ValueError(
+        f"unknown dataset {name!r}; valid names: {valid}, rmnist-<deg> (e.g. rmnist-90); aliases: {aliases}"
+    )
 
 
 def _load_digits(train: bool) -> LabeledImages:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -150,7 +149,9 @@ def make_partition(
     raise ValueError(f"unknown partition kind {kind!r}; valid kinds: {', '.join(PARTITION_KINDS)}")
 
 
-def domain_split(names: list[str], train: bool = True, root: str | Path | None = None, copy: bool = True) -> list[LabeledImages]:
+def domain_split(
+    names: list[str], train: bool = True, root: str | Path | None = None, copy: bool = True
+) -> list[LabeledImages]:
     """Client k gets the whole dataset ``names[k]`` (e.g. ``["mnist", "rmnist-90"]``); label ids are shared, so all
     datasets must have the same image shape and number of classes. ``copy=False`` hands out the loader's cached
     tensors (do not modify them)."""

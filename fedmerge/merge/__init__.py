@@ -2,6 +2,7 @@
 
 from fedmerge.merge.baselines import Ensemble, fine_tune, train_from_scratch
 from fedmerge.merge.interpolate import interpolate_states, weighted_average
+from fedmerge.merge.methods import MERGE_METHODS, MergeMethod, get_method
 from fedmerge.merge.np_merge import NPConfig, np_merge
 from fedmerge.merge.pairwise import CORRECTIONS, METHODS, MergeConfig, MergeResult, merge_pair
 from fedmerge.merge.repair import repair, reset_batchnorm
@@ -9,14 +10,17 @@ from fedmerge.merge.ste import STEConfig, STEResult, ste_merge
 
 __all__ = [
     "CORRECTIONS",
+    "MERGE_METHODS",
     "METHODS",
     "Ensemble",
     "MergeConfig",
+    "MergeMethod",
     "MergeResult",
     "NPConfig",
     "STEConfig",
     "STEResult",
     "fine_tune",
+    "get_method",
     "interpolate_states",
     "merge_pair",
     "np_merge",

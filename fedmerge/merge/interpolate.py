@@ -32,7 +32,10 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     merged: State = {}
     for key, first in states[0].items():
         if first.is_floating_point():
-            merged[key] = sum(w / total * s[key] for s, w in zip(states, weights))
+            total_tensor = torch.zeros_like(first)
+            for s, w in zip(states, weights, strict=True):
+                total_tensor = total_tensor + w / total * s[key]
+            merged[key] = total_tensor
         else:
             merged[key] = first.clone()
     return merged

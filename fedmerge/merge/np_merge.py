@@ -66,7 +66,15 @@ def np_merge(
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(forward_with(model, merged_params(), buffers_a, x), y)
 
-    losses = fit(alpha_pre.values(), loss_fn, surrogate.to(device), config.train_config(), seed, steps=config.steps, description="NP Merge")
+    losses = fit(
+        alpha_pre.values(),
+        loss_fn,
+        surrogate.to(device),
+        config.train_config(),
+        seed,
+        steps=config.steps,
+        description="NP Merge",
+    )
     with torch.no_grad():
         # Buffers (BatchNorm running statistics) are interpolated linearly; a BN reset follows.
         merged = {**interpolate_states(buffers_a, buffers_b, lam), **merged_params()}

@@ -26,7 +26,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_batchnorm(model: nn.Module, data: LabeledImages, batch_size: int = 256, device: torch.device | str = "cpu") -> nn.Module:
+def reset_batchnorm(
+    model: nn.Module, data: LabeledImages, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> nn.Module:
     """Recompute every BatchNorm's running statistics on ``data`` (cumulative average); returns ``model``."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns:
@@ -42,7 +44,7 @@ def reset_batchnorm(model: nn.Module, data: LabeledImages, batch_size: int = 256
         for x, _ in batches(data, batch_size, shuffle=False):
             model(x.to(device))
     finally:
-        for m, momentum in zip(bns, saved_momentum):
+        for m, momentum in zip(bns, saved_momentum, strict=True):
             m.momentum = momentum
     return model.eval()
 
@@ -57,8 +59,13 @@ def repair_points(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def unit_statistics(model: nn.Module, names: list[str], data: LabeledImages, device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-unit (mean, std) of the outputs of the named modules on ``data``; leaves ``model`` in eval mode on ``device``."""
+def unit_statistics(
+    model: nn.Module, names: list[str], data: LabeledImages, device: torch.device | str = "cpu"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit (mean, std) of the outputs of the named modules on ``data``.
+
+    Leaves ``model`` in eval mode on ``device``.
+    """
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}  # per module: rows (sum, sum of squares, count) x units
 

@@ -15,6 +15,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,10 @@ from fedmerge.train import TrainConfig, adam_config, batches, fit
 log = logging.getLogger(__name__)
 
 
+Projection = Literal["warm", "full"]
+"""How each STE step finds B's nearest permutation: a warm-started single sweep, or weight matching from scratch."""
+
+
 @dataclass(frozen=True)
 class STEConfig:
     """Hyper-parameters of STE merging."""
@@ -38,7 +43,7 @@ class STEConfig:
     steps: int = 300
     lr: float = 1e-2
     batch_size: int = 256
-    projection: str = "warm"  # "warm": warm-started single sweep; "full": weight matching from scratch
+    projection: Projection = "warm"  # "warm": warm-started single sweep; "full": weight matching from scratch
 
     def __post_init__(self) -> None:
         if self.projection not in ("warm", "full"):
@@ -118,18 +123,38 @@ def ste_merge(
     final = weight_matching(spec, {k: v.detach() for k, v in soft.items()}, state_b, init=project.perms, seed=seed)
     # Like the reference implementation, never return a merge worse on the surrogate than where STE started.
     aligned_start, aligned_final = (apply_permutation(spec, p, state_b) for p in (perms, final))
-    start_loss, final_loss = (merge_loss(model, params_a, buffers_a, b, lam, data, config.batch_size) for b in (aligned_start, aligned_final))
+    start_loss, final_loss = (
+        merge_loss(model, params_a, buffers_a, b, lam, data, config.batch_size) for b in (aligned_start, aligned_final)
+    )
     kept_start = final_loss > start_loss
     if kept_start:
-        log.info("STE ended worse on the surrogate (%.4f) than weight matching (%.4f): keeping weight matching", final_loss, start_loss)
+        log.info(
+            "STE ended worse on the surrogate (%.4f) than weight matching (%.4f): keeping weight matching",
+            final_loss,
+            start_loss,
+        )
         final, aligned_final = perms, aligned_start
     merged = interpolate_states(state_a, aligned_final, lam)
     return STEResult({k: v.detach().cpu() for k, v in merged.items()}, final, losses, step_seconds, kept_start)
 
 
 @torch.no_grad()
-def merge_loss(model: nn.Module, params_a: State, buffers_a: State, aligned_b: State, lam: float, data: LabeledImages, batch_size: int) -> float:
-    """Mean cross-entropy on ``data`` of the ``lam``-interpolation of A's parameters and aligned B's (forward as in training)."""
+def merge_loss(
+    model: nn.Module,
+    params_a: State,
+    buffers_a: State,
+    aligned_b: State,
+    lam: float,
+    data: LabeledImages,
+    batch_size: int,
+) -> float:
+    """Mean cross-entropy on ``data`` of the ``lam``-interpolation of A's parameters and aligned B's.
+
+    The forward pass runs as in training (BatchNorm on batch statistics).
+    """
     merged = {k: torch.lerp(v, aligned_b[k], lam) for k, v in params_a.items()}
-    total = sum(F.cross_entropy(forward_with(model, merged, buffers_a, x), y, reduction="sum").item() for x, y in batches(data, batch_size, shuffle=False))
+    total = sum(
+        F.cross_entropy(forward_with(model, merged, buffers_a, x), y, reduction="sum").item()
+        for x, y in batches(data, batch_size, shuffle=False)
+    )
     return total / len(data)

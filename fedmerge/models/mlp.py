@@ -11,11 +11,13 @@ from fedmerge.models.spec import AxesToPerm, PermutationSpec, linear_axes
 class MLP(nn.Module):
     """Flatten -> ``depth`` x (Linear + ReLU) -> Linear classifier."""
 
-    def __init__(self, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, width: int = 512, depth: int = 3):
+    def __init__(
+        self, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, width: int = 512, depth: int = 3
+    ):
         super().__init__()
         in_features = int(torch.tensor(in_shape).prod())
         sizes = [in_features] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,10 @@ class ResNet20(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
     def permutation_spec(self) -> PermutationSpec:
-        """Residual stream of stage ``s`` is ``P_res{s}`` (stem, block outputs, shortcuts); block inner channels ``P_layer{s}.{b}``."""
+        """Residual stream of stage ``s`` is ``P_res{s}`` (stem, block outputs, shortcuts).
+
+        The inner channels of block ``b`` of stage ``s`` are ``P_layer{s}.{b}``.
+        """
         axes: AxesToPerm = {}
         stream = "P_res1"
         axes |= conv_axes("conv1", stream, None)
@@ -101,6 +104,7 @@ class ResNet20(nn.Module):
         for s, (stage_name, stage) in enumerate(self.stages(), start=1):
             out_stream = f"P_res{s}"
             for b, block in enumerate(stage):
+                assert isinstance(block, BasicBlock)
                 axes |= block.axes(f"{stage_name}.{b}", stream, f"P_{stage_name}.{b}", out_stream)
                 stream = out_stream
         axes |= linear_axes("fc", None, stream)

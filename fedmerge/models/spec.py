@@ -44,6 +44,23 @@ class PermutationSpec:
                     raise ValueError(f"permutation {perm!r}: {key} axis {axis} has size {n}, expected {sizes[perm]}")
         return sizes
 
+    def describe(self, state: dict | None = None) -> str:
+        """Every permutation with the tensors and axes it acts on (and its size, given a state dict), one per
+        line, then the tensors no permutation touches: a text to check a spec by eye.
+
+        >>> print(MLP(width=4, depth=1).permutation_spec().describe())  # doctest: +SKIP
+        P_0: hidden.0.weight[0], hidden.0.bias[0], head.weight[1]
+        """
+        sizes = self.perm_sizes(state) if state is not None else {}
+        lines = []
+        for perm, axes in self.perm_to_axes.items():
+            size = f" ({sizes[perm]} units)" if perm in sizes else ""
+            lines.append(f"{perm}{size}: " + ", ".join(f"{key}[{axis}]" for key, axis in axes))
+        fixed = [key for key, axes in self.axes_to_perm.items() if all(p is None for p in axes)]
+        if fixed:
+            lines.append("not permuted: " + ", ".join(fixed))
+        return "\n".join(lines)
+
     def check_covers(self, state: dict) -> None:
         """Raise if the spec and a state dict disagree on keys or tensor ranks."""
         missing = [k for k, v in state.items() if k not in self.axes_to_perm and v.ndim > 0]

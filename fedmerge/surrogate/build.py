@@ -115,3 +115,10 @@ def fresh_model_factory(model: nn.Module) -> Callable[[], nn.Module]:
         return reinitialized_copy(template).train()
 
     return make
+
+
+def require_surrogate(surrogate: LabeledImages | None, what: str = "this comparison") -> LabeledImages:
+    """``surrogate`` itself; ``ValueError`` when it is ``None`` (surrogate kind "none" where one is needed)."""
+    if surrogate is None:
+        raise ValueError(f"{what} needs a surrogate: kind 'none' builds none")
+    return surrogate

@@ -29,7 +29,14 @@ from fedmerge.train import batches
 log = logging.getLogger(__name__)
 
 # Paper schedule (official code): images-per-class -> (outer_loop, inner_loop).
-PAPER_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+PAPER_LOOPS: dict[int, tuple[int, int]] = {
+    1: (1, 1),
+    10: (10, 50),
+    20: (20, 25),
+    30: (30, 20),
+    40: (40, 15),
+    50: (50, 10),
+}
 DEFAULT_IMAGE_UPDATES = 100  # image updates in all when ``iterations`` is None
 BN_IMAGES_PER_CLASS = 16  # real images per class used to set BatchNorm statistics (as in the paper's code)
 
@@ -111,8 +118,7 @@ def class_matching_distance(
     Differentiable w.r.t. ``x_syn`` when it requires grad (second-order through the synthetic branch).
     """
     params = [p for p in net.parameters() if p.requires_grad]
-    g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
-    g_real = [g.detach() for g in g_real]
+    g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)]
     g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=x_syn.requires_grad)
     return gradient_distance(g_syn, g_real, match_bias)
 

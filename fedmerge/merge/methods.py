@@ -1,0 +1,213 @@
+"""The registry of merge methods: each method is one object that names itself, says whether it needs surrogate
+data, cites its paper and knows how to merge two models.
+
+Everything that offers a choice of method (the run config, the sweep, the command-line tools, the README table)
+reads the list from :data:`MERGE_METHODS`; adding a method means registering one :class:`MergeMethod` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from fedmerge.align.permute import Perms, State, apply_permutation, identity_perms
+from fedmerge.align.weight_matching import weight_matching
+from fedmerge.data.images import LabeledImages
+from fedmerge.merge.functional import load_state, split_state
+from fedmerge.merge.interpolate import interpolate_states
+from fedmerge.merge.np_merge import np_merge
+from fedmerge.merge.ste import ste_merge
+from fedmerge.models.spec import PermutationSpec
+
+if TYPE_CHECKING:
+    from fedmerge.merge.pairwise import MergeConfig
+
+MethodName = Literal["average", "wm", "am", "ste", "np", "ste+np"]
+"""The names of the registered merge methods (kept in step with :data:`MERGE_METHODS` by a test)."""
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """What a pairwise merge works on: the architecture, its spec, both state dicts (on ``device``), the surrogate
+    (``None`` for data-free methods), B's weight ``lam`` and the merge settings."""
+
+    model: nn.Module
+    spec: PermutationSpec
+    state_a: State
+    state_b: State
+    surrogate: LabeledImages | None
+    lam: float
+    config: MergeConfig
+    device: torch.device | str
+
+
+@dataclass(frozen=True)
+class PairOutput:
+    """What a method returns: the permutation it applied to B, the merged state (before any post-merge
+    correction) and the loss of every optimisation step it took."""
+
+    perms: Perms
+    merged: State
+    losses: list[float]
+
+
+PairFunction = Callable[[PairInputs], PairOutput]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method: its name, whether it needs surrogate data, the paper it comes from, a one-line summary
+    and the function that merges a pair."""
+
+    name: str
+    needs_data: bool
+    paper: str
+    summary: str
+    merge: PairFunction
+
+
+def _surrogate(inputs: PairInputs) -> LabeledImages:
+    if inputs.surrogate is None:
+        raise ValueError("this merge method needs surrogate data")
+    return inputs.surrogate
+
+
+def _interpolated(inputs: PairInputs, perms: Perms, losses: list[float] | None = None) -> PairOutput:
+    aligned_b = apply_permutation(inputs.spec, perms, inputs.state_b)
+    return PairOutput(perms, interpolate_states(inputs.state_a, aligned_b, inputs.lam), losses or [])
+
+
+def _weight_matching_perms(inputs: PairInputs) -> Perms:
+    """Weight matching on parameters only (BatchNorm running statistics are not matched)."""
+    params_a = split_state(inputs.model, inputs.state_a)[0]
+    return weight_matching(inputs.spec, params_a, inputs.state_b, seed=inputs.config.seed)
+
+
+def _with_np(inputs: PairInputs, first: PairOutput) -> PairOutput:
+    """NP Merge of A and B aligned by ``first``'s permutation."""
+    aligned_b = apply_permutation(inputs.spec, first.perms, inputs.state_b)
+    config = inputs.config
+    merged, losses = np_merge(
+        inputs.model, inputs.state_a, aligned_b, _surrogate(inputs), inputs.lam, config.np, config.seed, inputs.device
+    )
+    return PairOutput(first.perms, merged, first.losses + losses)
+
+
+def _average(inputs: PairInputs) -> PairOutput:
+    return _interpolated(inputs, identity_perms(inputs.spec, inputs.state_b))
+
+
+def _wm(inputs: PairInputs) -> PairOutput:
+    return _interpolated(inputs, _weight_matching_perms(inputs))
+
+
+def _am(inputs: PairInputs) -> PairOutput:
+    from fedmerge.align.activation_matching import activation_matching
+
+    model_a, model_b = (load_state(inputs.model, s) for s in (inputs.state_a, inputs.state_b))
+    return _interpolated(inputs, activation_matching(model_a, model_b, _surrogate(inputs), device=inputs.device))
+
+
+def _ste(inputs: PairInputs) -> PairOutput:
+    config = inputs.config
+    result = ste_merge(
+        inputs.model,
+        inputs.spec,
+        inputs.state_a,
+        inputs.state_b,
+        _surrogate(inputs),
+        inputs.lam,
+        config.ste,
+        config.seed,
+        inputs.device,
+    )
+    return PairOutput(result.perms, result.state, result.losses)
+
+
+def _np(inputs: PairInputs) -> PairOutput:
+    return _with_np(inputs, _wm(inputs))
+
+
+def _ste_np(inputs: PairInputs) -> PairOutput:
+    return _with_np(inputs, _ste(inputs))
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod(
+            "average",
+            False,
+            "McMahan et al., AISTATS 2017 (FedAvg)",
+            "plain interpolation of the weights, no alignment",
+            _average,
+        ),
+        MergeMethod(
+            "wm",
+            False,
+            "Ainsworth et al., ICLR 2023 (Git Re-Basin)",
+            "weight matching: permutations that bring B's weights closest to A's",
+            _wm,
+        ),
+        MergeMethod(
+            "am",
+            True,
+            "Ainsworth et al., ICLR 2023 (Git Re-Basin)",
+            "activation matching: permutations that correlate the hidden units on the surrogate",
+            _am,
+        ),
+        MergeMethod(
+            "ste",
+            True,
+            "Yamada et al., ACML 2024; Ainsworth et al., ICLR 2023",
+            "permutations learned with a straight-through estimator on the surrogate loss",
+            _ste,
+        ),
+        MergeMethod(
+            "np",
+            True,
+            "Orozco Camacho et al., 2024 (NP Merge)",
+            "a learned interpolation coefficient per parameter, after weight matching",
+            _np,
+        ),
+        MergeMethod(
+            "ste+np",
+            True,
+            "Yamada et al., ACML 2024 + Orozco Camacho et al., 2024",
+            "NP Merge after STE alignment",
+            _ste_np,
+        ),
+    )
+}
+"""Every merge method by name, in the order they are offered."""
+
+METHODS: tuple[str, ...] = tuple(MERGE_METHODS)
+"""The method names (for command-line and run-config choices)."""
+
+DATA_METHODS: tuple[str, ...] = tuple(name for name, m in MERGE_METHODS.items() if m.needs_data)
+"""The methods that need surrogate data (they fall back to ``wm`` without it)."""
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; ``ValueError`` listing the choices otherwise."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def methods_table() -> str:
+    """The registry as a Markdown table (the README's method table is this text)."""
+    lines = ["| method | needs data | what it does | paper |", "|---|---|---|---|"]
+    lines += [
+        f"| `{m.name}` | {'yes' if m.needs_data else 'no'} | {m.summary} | {m.paper} |" for m in MERGE_METHODS.values()
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(methods_table())
