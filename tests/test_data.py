@@ -45,6 +45,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 # -------------------------------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow
 @needs_shared
 def test_mnist_train_and_test():
     train = load_dataset("mnist", root=SHARED)
@@ -58,6 +59,7 @@ def test_mnist_train_and_test():
     assert abs(pixels(train, "mnist").mean().item() - 33.32) < 0.01
 
 
+@pytest.mark.slow
 @needs_shared
 def test_loads_are_independent_copies():
     a = load_dataset("mnist", train=False, root=SHARED)
@@ -66,6 +68,7 @@ def test_loads_are_independent_copies():
     assert b.x.abs().sum() > 0
 
 
+@pytest.mark.slow
 @needs_shared
 def test_fashion_mnist_and_alias():
     test = load_dataset("fmnist", train=False, root=SHARED)
@@ -74,6 +77,7 @@ def test_fashion_mnist_and_alias():
     assert test.class_counts().tolist() == [1000] * 10
 
 
+@pytest.mark.slow
 @needs_shared
 def test_usps_resized_to_28():
     train = load_dataset("usps", root=SHARED)
@@ -90,6 +94,7 @@ def test_usps_resized_to_28():
     assert (small[0, 0] - torch.from_numpy((first + 1) / 2)).abs().mean() < 0.08
 
 
+@pytest.mark.slow
 @needs_shared
 def test_kmnist_partial_train_set():
     train = load_dataset("kmnist", root=SHARED)
@@ -100,6 +105,7 @@ def test_kmnist_partial_train_set():
     assert torch.equal(train.y, torch.from_numpy(labels.astype(np.int64)))
 
 
+@pytest.mark.slow
 @needs_shared
 def test_cifar10_subset():
     train = load_dataset("cifar10", root=SHARED)
@@ -112,6 +118,7 @@ def test_cifar10_subset():
     assert pixels(test, "cifar10")[0].round().flatten()[:3].tolist() == [158, 159, 165]
 
 
+@pytest.mark.slow
 @needs_shared
 def test_rmnist_is_rotated_mnist():
     mnist = load_dataset("mnist", train=False, root=SHARED)
@@ -126,6 +133,7 @@ def test_rmnist_is_rotated_mnist():
     assert not torch.allclose(r45.x, mnist.x)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_shared_layout_is_converted_into_the_cache(tmp_cache: Path):
     load_dataset("mnist", train=False, root=SHARED)
@@ -134,6 +142,7 @@ def test_shared_layout_is_converted_into_the_cache(tmp_cache: Path):
     assert not list(tmp_cache.glob(".*tmp*"))  # no half-written conversions left behind
 
 
+@pytest.mark.slow
 @needs_shared
 def test_default_search_finds_the_shared_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.delenv("FEDMERGE_DATA", raising=False)

@@ -90,6 +90,7 @@ def test_bad_specs_and_partition_ids():
         client_train_data(spec, 1.0)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @needs_shared
 def test_domain_split_gives_each_client_its_dataset():
     spec = FederationSpec("mnist, fashion-mnist", "domain", num_clients=2)

@@ -16,6 +16,8 @@ import torch
 
 from simulations.flower_cli import flower_environment, flwr_run_command, stop_superlinks, superlink_pids
 
+pytestmark = pytest.mark.slow  # starts Flower (`flwr run`) in a subprocess
+
 FLWR = Path(sys.executable).with_name("flwr")
 
 

@@ -1,4 +1,5 @@
-"""Every model's permutation spec: covers the state dict, and permuting leaves outputs unchanged."""
+"""Every model's permutation spec: covers the state dict, and permuting leaves outputs unchanged; the
+``PermutableModel`` protocol and ``PermutationSpec.describe``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from fedmerge.align import apply_permutation
-from fedmerge.models import MLP, MODEL_NAMES, VGG11, ResNet20, SmallCNN, build_model
+from fedmerge.models import MLP, MODEL_NAMES, VGG11, PermutableModel, ResNet20, SmallCNN, build_model, model_spec
+from fedmerge.models.protocol import activation_points
 from fedmerge.models.spec import PermutationSpec
 from tests.helpers import CASE_FIELDS, randomized_model
 
@@ -145,3 +147,69 @@ def test_vgg_batchnorm_layout_and_resnet_shared_streams():
     assert spec.axes_to_perm["layer2.0.conv1.weight"][:2] == ("P_layer2.0", "P_res1")
     assert spec.axes_to_perm["fc.weight"] == (None, "P_res3")
     assert len(spec.perm_names) == 3 + 9
+
+
+# ------------------------------------------------------------------ PermutableModel protocol, spec descriptions
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_registered_model_is_a_permutable_model(name):
+    model = build_model(name, (1, 28, 28), width=16 if name == "mlp" else 0.125)
+    assert isinstance(model, PermutableModel)
+    assert model_spec(model) == model.permutation_spec()
+    assert activation_points(model) == model.activation_points()
+
+
+def test_models_without_a_spec_are_not_permutable():
+    assert not isinstance(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), PermutableModel)
+    assert not isinstance(nn.Linear(2, 2), PermutableModel)
+    with pytest.raises(TypeError, match="Linear"):
+        model_spec(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Sequential"):
+        activation_points(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_describe_lists_every_permutation_its_tensors_and_the_unpermuted_ones():
+    spec = PermutationSpec(
+        {"a.weight": ("P", None), "a.bias": ("P",), "b.weight": (None, "P"), "b.bias": (None,), "s": (None, None)}
+    )
+    state = {"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3), "b.weight": torch.zeros(5, 3)}
+    state |= {"b.bias": torch.zeros(5), "s": torch.zeros(1, 1)}
+    assert spec.describe(state) == "P (3 units): a.weight[0], a.bias[0], b.weight[1]\nnot permuted: b.bias, s"
+    assert spec.describe() == "P: a.weight[0], a.bias[0], b.weight[1]\nnot permuted: b.bias, s"
+    assert PermutationSpec({"w": ("P", "Q")}).describe() == "P: w[0]\nQ: w[1]"
+
+
+@pytest.mark.parametrize(
+    CASE_FIELDS,
+    [
+        ("mlp", (1, 8, 8), 8, {}),
+        ("vgg11", (3, 32, 32), 0.125, {}),
+        ("resnet20", (3, 8, 8), 0.25, {"blocks_per_stage": 1}),
+    ],
+    ids=["mlp", "vgg11", "resnet20"],
+)
+def test_describe_matches_the_models_spec(name, in_shape, width, kwargs):
+    model = build_model(name, in_shape, width=width, **kwargs)
+    spec, state = model.permutation_spec(), model.state_dict()
+    sizes = spec.perm_sizes(state)
+    lines = spec.describe(state).splitlines()
+    *perm_lines, fixed_line = lines
+    # One line per permutation, in spec order, each with its size and every tensor axis it acts on.
+    assert [line.split(" ", 1)[0] for line in perm_lines] == spec.perm_names
+    for line, perm in zip(perm_lines, spec.perm_names, strict=True):
+        head, tensors = line.split(": ", 1)
+        assert head == f"{perm} ({sizes[perm]} units)"
+        assert tensors.split(", ") == [f"{key}[{axis}]" for key, axis in spec.perm_to_axes[perm]]
+    # Then the tensors no permutation touches.
+    fixed = [key for key, axes in spec.axes_to_perm.items() if not any(axes)]
+    assert fixed
+    assert fixed_line == "not permuted: " + ", ".join(fixed)
+    for key in fixed:
+        assert all(f"{key}[" not in line for line in perm_lines)
+    # Without a state dict: the same lines, no sizes.
+    unsized = [
+        line.replace(f"{p} ({sizes[p]} units): ", f"{p}: ", 1)
+        for line, p in zip(perm_lines, spec.perm_names, strict=True)
+    ]
+    assert spec.describe().splitlines() == [*unsized, fixed_line]

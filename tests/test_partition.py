@@ -164,6 +164,7 @@ def test_domain_split_digits_default():
     assert a.image_shape == b.image_shape == (1, 28, 28)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_domain_splits_on_real_data():
     mnist, rotated = domain_split(["mnist", "rmnist-90"], train=False, root=SHARED)
@@ -176,6 +177,7 @@ def test_domain_splits_on_real_data():
     assert load_dataset("mnist", train=False, root=SHARED).x.shape == mnist.x.shape
 
 
+@pytest.mark.slow
 @needs_shared
 def test_domain_split_rejects_different_shapes():
     with pytest.raises(ValueError, match=r"equal image shapes.*cifar10: \(3, 32, 32\).*mnist: \(1, 28, 28\)"):

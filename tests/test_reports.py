@@ -443,6 +443,7 @@ def ray_cleanup():
         ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("tmp_cache", "ray_cleanup")
 def test_merge_scaling_times_each_way_and_resumes(tmp_path, monkeypatch):
     args = [

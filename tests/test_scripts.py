@@ -112,6 +112,7 @@ def test_table2_rejects_unknown_method_labels():
         table2.parse_args(["--methods", "STE (coreset)"])
 
 
+@pytest.mark.slow
 @needs_shared
 @pytest.mark.usefixtures("tmp_cache")
 def test_table2_runs_on_real_data_and_resumes_without_redoing_rows(tmp_path, monkeypatch):

@@ -225,6 +225,7 @@ def swept(tmp_path_factory) -> tuple[SweepOptions, list[PlannedRun], list]:
     return options, runs, failures
 
 
+@pytest.mark.slow
 def test_run_sweep_writes_a_row_per_run_with_the_fedavg_baselines(swept):
     options, runs, failures = swept
     assert failures == []
@@ -254,6 +255,7 @@ def test_run_sweep_writes_a_row_per_run_with_the_fedavg_baselines(swept):
         assert (Path(results_dir) / "runs.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_second_sweep_runs_nothing(swept, monkeypatch):
     options, runs, _ = swept
     executed = []
@@ -266,6 +268,7 @@ def test_a_second_sweep_runs_nothing(swept, monkeypatch):
     assert "3 already in" in console.file.getvalue()
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_retried_by_the_next_sweep(swept, tmp_path, monkeypatch):
     cache_dir = swept[0].cache_dir  # clients trained already: only the merges and scoring run here
     options = SweepOptions(tmp_path / "out", cache=cache_dir, fedavg_rounds=2)
