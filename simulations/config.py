@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from fedmerge.align.universe import UNIVERSE_METHODS, UniverseMethod
 from fedmerge.federation import SPLITS, FederationSpec
 from fedmerge.merge import CORRECTIONS, METHODS, MergeConfig, NPConfig, STEConfig
+from fedmerge.merge.distill import DistillConfig
 from fedmerge.merge.methods import MethodName
 from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
@@ -80,6 +82,7 @@ _KEYS: dict[str, _Key] = {
     "strategy": _Key("merge", str, STRATEGIES),
     "method": _Key("ste", str, METHODS),
     "schedule": _Key("tree", str, SCHEDULES),
+    "alignment": _Key("merge-many", str, UNIVERSE_METHODS),
     "correction": _Key("auto", str, CORRECTIONS),
     "ste-steps": _Key(200, int, minimum=0),
     "np-steps": _Key(200, int, minimum=0),
@@ -87,6 +90,11 @@ _KEYS: dict[str, _Key] = {
     "merge-workers": _Key(2, int, minimum=0),
     "finetune-epochs": _Key(0, int, minimum=0),
     "finetune-lr": _Key(0.01, float, minimum=0, exclusive=True),
+    "distill-steps": _Key(0, int, minimum=0),
+    "distill-lr": _Key(0.001, float, minimum=0, exclusive=True),
+    "distill-shift": _Key(2, int, minimum=0),
+    "distill-mixup": _Key(1.0, float, minimum=0),
+    "distill-temperature": _Key(1.0, float, minimum=0, exclusive=True),
     "same-init": _Key(False, bool),
     "seed": _Key(0, int),
     "results-dir": _Key("results/runs", str),
@@ -116,6 +124,7 @@ class RunSettings:
     strategy: str = "merge"
     method: MethodName = "ste"
     schedule: Schedule = "tree"
+    alignment: UniverseMethod = "merge-many"
     correction: Correction = "auto"
     ste_steps: int = 200
     np_steps: int = 200
@@ -123,6 +132,11 @@ class RunSettings:
     merge_workers: int = 2
     finetune_epochs: int = 0
     finetune_lr: float = 0.01
+    distill_steps: int = 0
+    distill_lr: float = 0.001
+    distill_shift: int = 2
+    distill_mixup: float = 1.0
+    distill_temperature: float = 1.0
     clients_start_from_global: bool = False
     seed: int = 0
     results_dir: str = "results/runs"
@@ -134,6 +148,24 @@ class RunSettings:
             return None
         return dataclasses.replace(self.train, epochs=self.finetune_epochs, lr=self.finetune_lr)
 
+    def distill_config(self) -> DistillConfig | None:
+        """How the server distils the clients' ensemble into the merged model (None: it does not). The same recipe
+        without a teacher trains the pooled-surrogates baseline of the results row."""
+        if not self.distill_steps:
+            return None
+        return self.recipe()
+
+    def recipe(self) -> DistillConfig:
+        """The server-side training recipe (steps, learning rate, shifts, mixup, temperature) of the run config;
+        with ``distill-steps`` = 0 it uses 2000 steps (for the pooled-surrogates baseline only)."""
+        return DistillConfig(
+            steps=self.distill_steps or 2000,
+            lr=self.distill_lr,
+            shift=self.distill_shift,
+            mixup=self.distill_mixup,
+            temperature=self.distill_temperature,
+        )
+
     def merge_config(self) -> MergeConfig:
         """The pairwise merge the server runs."""
         return MergeConfig(
@@ -142,6 +174,7 @@ class RunSettings:
             ste=STEConfig(steps=self.ste_steps),
             np=NPConfig(steps=self.np_steps),
             seed=self.seed,
+            alignment=self.alignment,
         )
 
 
@@ -189,6 +222,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         strategy=str(values["strategy"]),
         method=cast(MethodName, values["method"]),
         schedule=cast(Schedule, values["schedule"]),
+        alignment=cast(UniverseMethod, values["alignment"]),
         correction=cast(Correction, values["correction"]),
         ste_steps=int(values["ste-steps"]),
         np_steps=int(values["np-steps"]),
@@ -196,6 +230,11 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         merge_workers=int(values["merge-workers"]),
         finetune_epochs=int(values["finetune-epochs"]),
         finetune_lr=float(values["finetune-lr"]),
+        distill_steps=int(values["distill-steps"]),
+        distill_lr=float(values["distill-lr"]),
+        distill_shift=int(values["distill-shift"]),
+        distill_mixup=float(values["distill-mixup"]),
+        distill_temperature=float(values["distill-temperature"]),
         clients_start_from_global=bool(values["same-init"]),
         seed=int(values["seed"]),
         results_dir=str(values["results-dir"]),

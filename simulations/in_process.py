@@ -17,6 +17,8 @@ from simulations.client_app import client_work
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
 from simulations.report import RunOutcome, finish_run
 from simulations.server_app import make_strategy, template_model
+from strategies import PermutationMerge
+from strategies.fedavg import upload_bytes
 from strategies.messages import ClientUpdate
 
 
@@ -49,13 +51,23 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
     updates: list[ClientUpdate] = []
     merge_seconds = 0.0
     for server_round in range(1, settings.num_rounds + 1):
-        start = global_state if strategy.clients_start_from_global else None
+        start = global_state if strategy.starts_from_global(server_round) else None
         updates = client_updates(settings, num_clients, server_round, start, strategy.want_surrogate)
         began = time.perf_counter()
         global_state = strategy.combine(updates)
+        strategy.round_upload_bytes[server_round] = upload_bytes(updates)
         merge_seconds = time.perf_counter() - began
         accuracies[server_round] = evaluate(load_state(template, global_state), test, device=device)
-    return RunOutcome(load_state(template, global_state), updates, [], merge_seconds, accuracies)
+    merge_only = strategy.merge_only() if isinstance(strategy, PermutationMerge) else None
+    return RunOutcome(
+        load_state(template, global_state),
+        updates,
+        [],
+        merge_seconds,
+        accuracies,
+        merge_only,
+        strategy.round_upload_bytes,
+    )
 
 
 def run_in_process(run_config: Mapping[str, object], num_clients: int) -> dict:

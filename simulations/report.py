@@ -19,7 +19,9 @@ from fedmerge.data.images import concat
 from fedmerge.device import default_device, derive_seed
 from fedmerge.federation import client_train_data, label_distribution
 from fedmerge.merge import Ensemble, train_from_scratch
+from fedmerge.merge.distill import distill
 from fedmerge.merge.functional import load_state
+from fedmerge.models import reinitialized_copy
 from simulations.config import RunSettings
 from simulations.evaluation import scores, scoring_data
 from simulations.memory import peak_gpu_mb, peak_rss_mb
@@ -43,6 +45,8 @@ class RunOutcome:
     left_out: list[tuple[str, str]]
     merge_seconds: float
     round_accuracies: dict[int, float] = field(default_factory=dict)
+    merge_only_state: dict[str, torch.Tensor] | None = None
+    round_upload_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def client_models(template: nn.Module, updates: list[ClientUpdate]) -> dict[str, nn.Module]:
@@ -69,9 +73,32 @@ def surrogate_trained_model(
     )
 
 
+def recipe_models(
+    settings: RunSettings,
+    template: nn.Module,
+    updates: list[ClientUpdate],
+    teacher: nn.Module,
+    device: torch.device | str = "cpu",
+) -> dict[str, nn.Module]:
+    """The baselines trained with the server's distillation recipe (:meth:`RunSettings.recipe`): a fresh model
+    trained on the pooled surrogates alone (``pooled-recipe``) and the clients' ensemble distilled into a fresh model
+    (``distilled-fresh``, no merge). Empty when no client sent a surrogate or the run distils nothing."""
+    parts = [u.surrogate for u in updates if u.surrogate is not None]
+    if not parts or not settings.distill_steps:
+        return {}
+    pooled = concat(parts, "surrogate union")
+    fresh = reinitialized_copy(template, derive_seed(settings.seed, "recipe-init"))
+    seed = derive_seed(settings.seed, "recipe")
+    return {
+        "pooled-recipe": distill(fresh, pooled, None, settings.recipe(), seed, device).model,
+        "distilled-fresh": distill(fresh, pooled, teacher, settings.recipe(), seed, device).model,
+    }
+
+
 def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[str, float]]:
-    """Scores of the merged model, the clients' own models, their example-weighted ensemble and, when the clients
-    sent surrogates, a model trained on the surrogates alone."""
+    """Scores of the merged model (and of the merge alone, before fine-tuning or distillation), the clients' own
+    models, their example-weighted ensemble and, when the clients sent surrogates, a model trained on the
+    surrogates alone (plain, and with the server's recipe) and the ensemble distilled into a fresh model."""
     spec = settings.federation
     distributions = {
         u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates
@@ -80,9 +107,12 @@ def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[s
     ensemble = Ensemble(list(own.values()), [u.num_examples for u in outcome.updates])
     device = default_device()
     models = {"merged": outcome.model, **own, "ensemble": ensemble}
+    if outcome.merge_only_state is not None:
+        models["merge-only"] = load_state(outcome.model, outcome.merge_only_state)
     on_surrogates = surrogate_trained_model(settings, outcome.model, outcome.updates, device)
     if on_surrogates is not None:
         models["surrogate-trained"] = on_surrogates
+    models |= recipe_models(settings, outcome.model, outcome.updates, ensemble, device)
     tests = scoring_data(spec, distributions)
     return {name: scores(model, tests, device) for name, model in models.items()}
 
@@ -118,6 +148,10 @@ def results_row(
     for model, accuracies in table.items():
         row |= {f"acc_{model}_{where}": round(acc, 2) for where, acc in accuracies.items()}
     row |= {f"acc_round{r}_global": round(acc, 2) for r, acc in sorted(outcome.round_accuracies.items())}
+    uploaded = 0
+    for r, sent in sorted(outcome.round_upload_bytes.items()):
+        uploaded += sent
+        row[f"bytes-uploaded_round{r}"] = uploaded  # cumulative over rounds, all clients
     for name in ("train-seconds", "surrogate-seconds", "weights-bytes", "surrogate-bytes", "train-accuracy"):
         row[f"client-mean_{name}"] = _mean(_metric_values(outcome.updates, name))
     for name in ("train-seconds", "surrogate-seconds", "peak-rss-mb"):

@@ -77,6 +77,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
         clients_start_from_global=settings.clients_start_from_global,
         num_classes=num_classes,
         finetune=settings.finetune_config(),
+        distill=settings.distill_config(),
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,
     )
@@ -114,7 +115,16 @@ def run_federation(grid: Grid, settings: RunSettings, num_clients: int) -> RunOu
         reasons = "; ".join(f"{who}: {why}" for who, why in strategy.left_out) or "no replies"
         raise RuntimeError(f"no client update could be used in the last round ({reasons})")
     model = load_state(template, result.arrays.to_torch_state_dict())
-    return RunOutcome(model, strategy.client_updates, strategy.left_out, strategy.merge_seconds, accuracies)
+    merge_only = strategy.merge_only() if isinstance(strategy, PermutationMerge) else None
+    return RunOutcome(
+        model,
+        strategy.client_updates,
+        strategy.left_out,
+        strategy.merge_seconds,
+        accuracies,
+        merge_only,
+        strategy.round_upload_bytes,
+    )
 
 
 @app.main()

@@ -60,7 +60,12 @@ PROJECTIONS: tuple[Projection, ...] = ("warm", "full")
 
 
 def time_ste(
-    model_a: nn.Module, model_b: nn.Module, data: LabeledImages, projection: Projection, steps: int, device: torch.device | str
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: LabeledImages,
+    projection: Projection,
+    steps: int,
+    device: torch.device | str,
 ) -> dict:
     """Steps/s (the step loop alone), one-off setup seconds and final loss of STE merging B into A."""
     config = STEConfig(steps=steps, batch_size=len(data), projection=projection)

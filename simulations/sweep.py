@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from fedmerge.surrogate import SURROGATE_KINDS
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlinks
 from simulations.results_io import save_rows
+from strategies.schedule import SCHEDULES
 
 BACKENDS = ("flower", "in-process")
 SWEPT_KEYS = (
@@ -55,7 +57,10 @@ SWEPT_KEYS = (
     "seed",
     "finetune-epochs",
 )
-"""Run-config keys the sweep sets itself (``--set`` may not)."""
+"""Run-config keys the sweep sets itself (``--set`` may not); always part of a run's key."""
+VARIANT_KEYS = ("schedule", "distill-steps")
+"""Run-config keys the sweep also sets itself, part of a run's key only where they differ from their default (so
+rows written before they were swept keep their keys)."""
 LOCAL_KEYS = ("results-dir", "client-cache", "data-root")
 """Run-config keys that say where files go; they do not change results and are not part of a run's key."""
 
@@ -97,11 +102,19 @@ class PlannedRun:
 
     @property
     def method(self) -> str:
-        """``fedavg``, or the merge method with ``+ft<epochs>`` when the merged model is fine-tuned."""
+        """``fedavg``, or the merge method, with ``@<schedule>`` unless it is the default tree, ``+ft<epochs>`` when
+        the merged model is fine-tuned and ``+kd<steps>`` when the clients' ensemble is distilled into it."""
         if self.is_fedavg:
             return "fedavg"
-        epochs = self.config.get("finetune-epochs", 0)
-        return f"{self.config['method']}+ft{epochs}" if epochs else str(self.config["method"])
+        c = self.config
+        label = str(c["method"])
+        if c.get("schedule", "tree") != "tree":
+            label += f"@{c['schedule']}"
+        if c.get("finetune-epochs", 0):
+            label += f"+ft{c['finetune-epochs']}"
+        if c.get("distill-steps", 0):
+            label += f"+kd{c['distill-steps']}"
+        return label
 
     @property
     def split_label(self) -> str:
@@ -132,9 +145,12 @@ class SweepGrid:
     data_root: str = ""  # where the datasets are ("" : the default search); not part of run keys
     client_cpus: float = 1.0
     finetune_epochs: Sequence[int] = (0,)
+    schedules: Sequence[str] = ("tree",)
+    distill_steps: Sequence[int] = (0,)
+    merge_rounds: int = 1
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.overrides) & set(SWEPT_KEYS + LOCAL_KEYS))
+        bad = sorted(set(self.overrides) & set(SWEPT_KEYS + VARIANT_KEYS + LOCAL_KEYS))
         if bad:
             raise ValueError(f"--set cannot change {bad}: the sweep sets them (use its own options)")
         unknown_methods = sorted(set(self.methods) - set(METHODS))
@@ -147,6 +163,10 @@ class SweepGrid:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         if self.fedavg_rounds < 0 or any(n < 2 for n in self.clients) or any(e < 0 for e in self.finetune_epochs):
             raise ValueError("need --fedavg-rounds >= 0, client counts >= 2 and --finetune-epochs >= 0")
+        if self.merge_rounds < 1:
+            raise ValueError("need --merge-rounds >= 1")
+        if any(s not in SCHEDULES for s in self.schedules) or any(k < 0 for k in self.distill_steps):
+            raise ValueError(f"schedules must be among {', '.join(SCHEDULES)} and --distill-steps >= 0")
         settings_from_run_config(self.overrides, 2)  # unknown keys and bad values fail here, before any run
 
 
@@ -154,7 +174,8 @@ def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     """The FedAvg run over the same federation as ``run`` (same data, clients, model and training)."""
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
     config |= {
-        key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class", "finetune-epochs")
+        key: DEFAULT_RUN_CONFIG[key]
+        for key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule", "distill-steps")
     }  # unused by FedAvg
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
@@ -193,20 +214,24 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                             skipped.append((f"{dataset} {split} N={num_clients}", problem))
                             continue
                         for kind, per_class in grid.surrogates:
-                            for method in grid.methods:
-                                for epochs in grid.finetune_epochs:
-                                    config = base | {
-                                        "strategy": "merge",
-                                        "method": method,
-                                        "num-rounds": 1,
-                                        "surrogate": kind,
-                                        "per-class": per_class,
-                                        "finetune-epochs": epochs,
-                                    }
-                                    run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
-                                    if grid.fedavg_rounds:
-                                        runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
-                                    runs.append(run)
+                            variants = itertools.product(
+                                grid.methods, grid.schedules, grid.finetune_epochs, grid.distill_steps
+                            )
+                            for method, schedule, epochs, distill_steps in variants:
+                                config = base | {
+                                    "strategy": "merge",
+                                    "method": method,
+                                    "num-rounds": grid.merge_rounds,
+                                    "surrogate": kind,
+                                    "per-class": per_class,
+                                    "finetune-epochs": epochs,
+                                    "schedule": schedule,
+                                    "distill-steps": distill_steps,
+                                }
+                                run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
+                                if grid.fedavg_rounds:
+                                    runs.append(fedavg_counterpart(run, grid.fedavg_rounds))
+                                runs.append(run)
     return list(dict.fromkeys(runs)), skipped  # drop repeats (one FedAvg run per federation), keep order
 
 
@@ -384,6 +409,26 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         default=[0],
         help="epochs of fine-tuning the merged model on the surrogates (0: none); each value is a variant",
     )
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=SCHEDULES,
+        default=["tree"],
+        help="merge schedules; each is a variant (universe: all clients at once in one shared frame)",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="steps of distilling the clients' ensemble into the merged model (0: none); each value is a variant",
+    )
+    parser.add_argument(
+        "--merge-rounds",
+        type=int,
+        default=1,
+        help="rounds of every merge run (from round 2 on, clients start from the last merged model)",
+    )
     parser.add_argument("--fedavg-rounds", type=int, default=5, help="rounds of the FedAvg baseline (0: none)")
     parser.add_argument(
         "--set",
@@ -437,6 +482,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             data_root=data_root,
             client_cpus=args.client_cpus,
             finetune_epochs=args.finetune_epochs,
+            schedules=args.schedules,
+            distill_steps=args.distill_steps,
+            merge_rounds=args.merge_rounds,
         )
         runs, skipped = plan(grid)
     except (ValueError, FileNotFoundError) as err:

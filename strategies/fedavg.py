@@ -60,6 +60,7 @@ class SortedFedAvg(FedAvg):
         self.client_updates: list[ClientUpdate] = []
         self.left_out: list[tuple[str, str]] = []
         self.merge_seconds = 0.0
+        self.round_upload_bytes: dict[int, int] = {}
         self._reference: State = {}
 
     def configure_train(
@@ -68,8 +69,13 @@ class SortedFedAvg(FedAvg):
         """Send the global weights, saying whether to train from them and whether to send a surrogate."""
         self._reference = arrays.to_torch_state_dict()
         config[WANT_SURROGATE] = self.want_surrogate
-        config[INIT_FROM_GLOBAL] = self.clients_start_from_global
+        config[INIT_FROM_GLOBAL] = self.starts_from_global(server_round)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def starts_from_global(self, server_round: int) -> bool:
+        """Whether clients train round ``server_round`` from the global weights: always when
+        ``clients_start_from_global``, else from round 2 on (round 1 starts from each client's own initialisation)."""
+        return self.clients_start_from_global or server_round > 1
 
     def combine(self, updates: list[ClientUpdate]) -> State:
         """The new global weights from the usable updates (sorted by partition id): their example-weighted mean."""
@@ -81,6 +87,7 @@ class SortedFedAvg(FedAvg):
         """Combine the usable replies; ``(None, None)`` (the global model stays) when none is usable."""
         updates, self.left_out = accept_replies(replies, self._reference, self.num_classes)
         self.client_updates = updates
+        self.round_upload_bytes[server_round] = upload_bytes(updates)
         if not updates:
             log.error(
                 "round %d: no usable client update (%d left out): the global model stays as it was",
@@ -104,3 +111,13 @@ class SortedFedAvg(FedAvg):
         metrics["clients-merged"] = len(updates)
         metrics["clients-left-out"] = len(self.left_out)
         return ArrayRecord(state), metrics
+
+
+def upload_bytes(updates: list[ClientUpdate]) -> int:
+    """Bytes the usable clients uploaded in one round: their weights and surrogates (as they report them)."""
+    total = 0.0
+    for update in updates:
+        for key in ("weights-bytes", "surrogate-bytes"):
+            value = update.metrics.get(key)
+            total += value if isinstance(value, (int, float)) else 0.0
+    return int(total)

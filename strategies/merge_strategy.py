@@ -7,7 +7,8 @@ import logging
 from torch import nn
 
 from fedmerge.device import default_device, derive_seed
-from fedmerge.merge import fine_tune
+from fedmerge.merge import Ensemble, fine_tune
+from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
 from fedmerge.models.protocol import model_spec
@@ -42,7 +43,10 @@ class PermutationMerge(SortedFedAvg):
     merging of independently trained models). Federated evaluation is off by default (``fraction_evaluate=0``):
     evaluate the merged model on the server with ``evaluate_fn``. With ``finetune`` (a
     :class:`fedmerge.train.TrainConfig`), the merged model is then trained further on the union of the surrogates.
-    After a round, ``merge_steps`` lists the pairwise merges besides what :class:`SortedFedAvg` records.
+    With ``distill`` (a :class:`fedmerge.merge.distill.DistillConfig`), the clients' ensemble (weighted by sample
+    counts) is distilled into the merged model on augmented, mixed-up surrogate images (after any fine-tuning).
+    After a round, ``merge_steps`` lists the pairwise merges and ``merge_only_state`` holds the merged weights
+    before fine-tuning or distillation, besides what :class:`SortedFedAvg` records.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class PermutationMerge(SortedFedAvg):
         clients_start_from_global: bool = False,
         num_classes: int | None = None,
         finetune: TrainConfig | None = None,
+        distill: DistillConfig | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
@@ -84,8 +89,16 @@ class PermutationMerge(SortedFedAvg):
         self.want_surrogate = want_surrogate
         self.clients_start_from_global = clients_start_from_global
         self.finetune = finetune
+        self.distill = distill
+        self.merge_only_state: State = {}
         self.merge_steps: list[MergeStep] = []
         self._reference = model.state_dict()  # until configure_train sends the global weights
+
+    def merge_only(self) -> State | None:
+        """The last round's merged weights before fine-tuning or distillation; None when neither ran."""
+        if (self.finetune is None and self.distill is None) or not self.merge_only_state:
+            return None
+        return self.merge_only_state
 
     def summary(self) -> None:
         super().summary()
@@ -106,21 +119,47 @@ class PermutationMerge(SortedFedAvg):
         merged, self.merge_steps = run_schedule(
             self.schedule, self.model, [MergeNode.from_update(u) for u in updates], self.merge, self.runner
         )
-        if self.finetune is None:
+        self.merge_only_state = merged.state
+        if self.finetune is None and self.distill is None:
             return merged.state
         if merged.surrogate is None:
-            log.warning("fine-tuning skipped: clients %s sent no surrogate", list(merged.without_surrogate))
+            log.warning(
+                "fine-tuning / distillation skipped: clients %s sent no surrogate", list(merged.without_surrogate)
+            )
             return merged.state
-        log.info(
-            "fine-tuning the merged model on %d surrogate images for %d epochs",
-            len(merged.surrogate),
-            self.finetune.epochs,
-        )
-        tuned = fine_tune(
-            load_state(self.model, merged.state),
-            merged.surrogate,
-            self.finetune,
-            seed=derive_seed(self.merge.seed, "finetune"),
-            device=default_device(),
-        )
-        return {name: tensor.detach().cpu() for name, tensor in tuned.state_dict().items()}
+        model = load_state(self.model, merged.state)
+        if self.finetune is not None:
+            log.info(
+                "fine-tuning the merged model on %d surrogate images for %d epochs",
+                len(merged.surrogate),
+                self.finetune.epochs,
+            )
+            model = fine_tune(
+                model,
+                merged.surrogate,
+                self.finetune,
+                seed=derive_seed(self.merge.seed, "finetune"),
+                device=default_device(),
+            )
+        if self.distill is not None:
+            teacher = client_ensemble(self.model, updates)
+            log.info(
+                "distilling the ensemble of %d clients into the merged model on %d surrogate images (%d steps)",
+                len(updates),
+                len(merged.surrogate),
+                self.distill.steps,
+            )
+            model = distill(
+                model,
+                merged.surrogate,
+                teacher,
+                self.distill,
+                seed=derive_seed(self.merge.seed, "distill"),
+                device=default_device(),
+            ).model
+        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+def client_ensemble(template: nn.Module, updates: list[ClientUpdate]) -> Ensemble:
+    """The clients' models as one output ensemble, each weighted by its sample count."""
+    return Ensemble([load_state(template, u.state) for u in updates], [u.num_examples for u in updates])

@@ -3,6 +3,9 @@
 - ``tree``: merge clients in pairs (0+1, 2+3, ...), then the pairs' results in pairs, and so on; an odd node out
   waits for the next level. The merges of one level are independent and may run in parallel.
 - ``all-to-one``: fold every client in turn into one running model (N-1 merges, one after the other).
+- ``universe``: no pairwise merges: every client is mapped into one shared frame at once (MergeMany or C2M3), so
+  the maps between clients are cycle-consistent, and the method's N-model form merges them in one step
+  (:func:`fedmerge.merge.many.merge_models`).
 
 Each pairwise merge weights model B by ``lambda = n_B / (n_A + n_B)``, where n counts the training examples behind
 each side, so a tree of merges weights every client by its sample count as FedAvg does.
@@ -21,14 +24,15 @@ import torch
 from torch import nn
 
 from fedmerge.data.images import LabeledImages, concat
-from fedmerge.device import derive_seed
+from fedmerge.device import default_device, derive_seed
+from fedmerge.merge.many import merge_models
 from fedmerge.merge.pairwise import DATA_METHODS, MergeConfig, MergeResult
 from strategies.messages import ClientUpdate
 
 log = logging.getLogger(__name__)
 
-Schedule = Literal["tree", "all-to-one"]
-SCHEDULES: tuple[Schedule, ...] = ("tree", "all-to-one")
+Schedule = Literal["tree", "all-to-one", "universe"]
+SCHEDULES: tuple[Schedule, ...] = ("tree", "all-to-one", "universe")
 State = dict[str, torch.Tensor]
 
 
@@ -166,6 +170,40 @@ def all_to_one_merge(
     return running, steps
 
 
+def universe_merge(
+    model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner
+) -> tuple[MergeNode, list[MergeStep]]:
+    """Merge all ``nodes`` at once in a shared universe; data-free (``wm``) when some client sent no surrogate."""
+    missing = tuple(m for node in nodes for m in node.without_surrogate)
+    surrogates = [node.surrogate for node in nodes if node.surrogate is not None]
+    union = concat(surrogates, name="surrogate") if surrogates and not missing else None
+    if config.method in DATA_METHODS and missing:
+        log.warning(
+            "client(s) %s sent no surrogate: merging all %d clients by data-free weight matching instead of %s",
+            list(missing),
+            len(nodes),
+            config.method,
+        )
+        config = replace(config, method="wm")
+    members = tuple(m for node in nodes for m in node.members)
+    start = time.perf_counter()
+    log.info("universe merge of %d clients (%s, %s alignment)", len(nodes), config.method, config.alignment)
+    result = merge_models(
+        model, [n.state for n in nodes], [n.num_examples for n in nodes], union, config, runner_device(runner)
+    )
+    log.info("universe merge done in %.1f s (alignment %.1f s)", time.perf_counter() - start, result.align_seconds)
+    merged = MergeNode(result.state, members, sum(n.num_examples for n in nodes), union, missing)
+    weight = 1.0 - nodes[0].num_examples / merged.num_examples if merged.num_examples else 0.0
+    step = MergeStep(1, 0, nodes[0].members, members[len(nodes[0].members) :], weight, result.method, result.seconds)
+    return merged, [step]
+
+
+def runner_device(runner: MergeRunner) -> torch.device | str:
+    """Where ``runner`` merges (its ``device`` attribute), else this process's default device."""
+    device = getattr(runner, "device", None)
+    return device if device is not None else default_device()
+
+
 def run_schedule(
     schedule: Schedule, model: nn.Module, nodes: Sequence[MergeNode], config: MergeConfig, runner: MergeRunner
 ) -> tuple[MergeNode, list[MergeStep]]:
@@ -174,5 +212,5 @@ def run_schedule(
         raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
     if not nodes:
         raise ValueError("nothing to merge: no client models")
-    merge = tree_merge if schedule == "tree" else all_to_one_merge
+    merge = {"tree": tree_merge, "all-to-one": all_to_one_merge, "universe": universe_merge}[schedule]
     return merge(model, nodes, config, runner)

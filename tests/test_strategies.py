@@ -262,7 +262,7 @@ def test_fine_tuning_is_skipped_with_a_warning_when_a_client_sent_no_surrogate(c
     with caplog.at_level(logging.WARNING, logger="strategies"):
         tuned, _ = merge_strategy("wm", finetune=TrainConfig(epochs=5)).aggregate_train(1, replies)
     assert_states_equal(plain.to_torch_state_dict(), tuned.to_torch_state_dict())
-    assert any("fine-tuning skipped: clients [1] sent no surrogate" in r.message for r in caplog.records)
+    assert any("fine-tuning / distillation skipped: clients [1] sent no surrogate" in r.message for r in caplog.records)
 
 
 def test_permutation_merge_leaves_out_broken_clients_and_reports_them(caplog):
@@ -321,6 +321,7 @@ def ray_runner():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_levels_give_the_same_merge_as_in_process(ray_runner):
     replies = [reply(k, num_examples=30 + k) for k in range(4)]
     config = MergeConfig(method="ste", ste=STEConfig(steps=5, batch_size=32), seed=1)

@@ -1,5 +1,10 @@
 """The registry of merge methods: each method is one object that names itself, says whether it needs surrogate
-data, cites its paper and knows how to merge two models.
+data, cites its paper and knows how to merge two models and, where the method has one, N models at once.
+
+N-model merges (the ``universe`` schedule) first map every client into one shared frame
+(:mod:`fedmerge.align.universe`), then ``wm`` averages the aligned clients, ``ste`` learns every client's
+permutation jointly (:func:`fedmerge.merge.joint.joint_ste_merge`), ``np`` learns per-parameter weights over the
+N aligned clients (:func:`fedmerge.merge.joint.joint_np_merge`) and ``ste+np`` does both.
 
 Everything that offers a choice of method (the run config, the sweep, the command-line tools, the README table)
 reads the list from :data:`MERGE_METHODS`; adding a method means registering one :class:`MergeMethod` here.
@@ -7,6 +12,7 @@ reads the list from :data:`MERGE_METHODS`; adding a method means registering one
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -15,10 +21,12 @@ import torch
 from torch import nn
 
 from fedmerge.align.permute import Perms, State, apply_permutation, identity_perms
+from fedmerge.align.universe import UniverseMethod, align_to_universe
 from fedmerge.align.weight_matching import weight_matching
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import load_state, split_state
-from fedmerge.merge.interpolate import interpolate_states
+from fedmerge.merge.interpolate import interpolate_states, weighted_average
+from fedmerge.merge.joint import joint_np_merge, joint_ste_merge
 from fedmerge.merge.np_merge import np_merge
 from fedmerge.merge.ste import ste_merge
 from fedmerge.models.spec import PermutationSpec
@@ -59,15 +67,46 @@ PairFunction = Callable[[PairInputs], PairOutput]
 
 
 @dataclass(frozen=True)
+class ManyInputs:
+    """What an N-model merge works on: the architecture, its spec, every client's state dict (on ``device``),
+    their weights (sample counts), the union of their surrogates (``None`` for data-free methods), how to align
+    them into one universe and the merge settings."""
+
+    model: nn.Module
+    spec: PermutationSpec
+    states: list[State]
+    weights: list[float]
+    surrogate: LabeledImages | None
+    alignment: UniverseMethod
+    config: MergeConfig
+    device: torch.device | str
+
+
+@dataclass(frozen=True)
+class ManyOutput:
+    """What an N-model merge returns: each client's permutation into the merged model, the merged state (before
+    any correction), the loss of every optimisation step, and the seconds the universe alignment took."""
+
+    perms: list[Perms]
+    merged: State
+    losses: list[float]
+    align_seconds: float = 0.0
+
+
+ManyFunction = Callable[[ManyInputs], ManyOutput]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
-    """One merge method: its name, whether it needs surrogate data, the paper it comes from, a one-line summary
-    and the function that merges a pair."""
+    """One merge method: its name, whether it needs surrogate data, the paper it comes from, a one-line summary,
+    the function that merges a pair and the one that merges N models at once (``None`` when it has none)."""
 
     name: str
     needs_data: bool
     paper: str
     summary: str
     merge: PairFunction
+    merge_many: ManyFunction | None = None
 
 
 def _surrogate(inputs: PairInputs) -> LabeledImages:
@@ -136,6 +175,68 @@ def _ste_np(inputs: PairInputs) -> PairOutput:
     return _with_np(inputs, _ste(inputs))
 
 
+def _universe(inputs: ManyInputs) -> tuple[list[Perms], float]:
+    """Every client's permutation into a shared universe (matched on parameters only) and the seconds it took."""
+    start = time.perf_counter()
+    params = [split_state(inputs.model, s)[0] for s in inputs.states]
+    alignment = align_to_universe(inputs.spec, params, inputs.alignment, inputs.weights, inputs.config.seed)
+    return alignment.perms, time.perf_counter() - start
+
+
+def _averaged(inputs: ManyInputs, perms: list[Perms], losses: list[float], align_seconds: float) -> ManyOutput:
+    aligned = [apply_permutation(inputs.spec, p, s) for p, s in zip(perms, inputs.states, strict=True)]
+    return ManyOutput(perms, weighted_average(aligned, inputs.weights), losses, align_seconds)
+
+
+def _many_surrogate(inputs: ManyInputs) -> LabeledImages:
+    if inputs.surrogate is None:
+        raise ValueError("this merge method needs surrogate data")
+    return inputs.surrogate
+
+
+def _many_average(inputs: ManyInputs) -> ManyOutput:
+    return _averaged(inputs, [identity_perms(inputs.spec, s) for s in inputs.states], [], 0.0)
+
+
+def _many_wm(inputs: ManyInputs) -> ManyOutput:
+    perms, seconds = _universe(inputs)
+    return _averaged(inputs, perms, [], seconds)
+
+
+def _many_ste(inputs: ManyInputs) -> ManyOutput:
+    perms, seconds = _universe(inputs)
+    config = inputs.config
+    result = joint_ste_merge(
+        inputs.model,
+        inputs.spec,
+        inputs.states,
+        inputs.weights,
+        _many_surrogate(inputs),
+        perms,
+        config.ste,
+        config.seed,
+        inputs.device,
+    )
+    return ManyOutput(result.perms, result.state, result.losses, seconds)
+
+
+def _many_np_after(inputs: ManyInputs, first: ManyOutput) -> ManyOutput:
+    aligned = [apply_permutation(inputs.spec, p, s) for p, s in zip(first.perms, inputs.states, strict=True)]
+    config = inputs.config
+    merged, losses = joint_np_merge(
+        inputs.model, aligned, inputs.weights, _many_surrogate(inputs), config.np, config.seed, inputs.device
+    )
+    return ManyOutput(first.perms, merged, first.losses + losses, first.align_seconds)
+
+
+def _many_np(inputs: ManyInputs) -> ManyOutput:
+    return _many_np_after(inputs, _many_wm(inputs))
+
+
+def _many_ste_np(inputs: ManyInputs) -> ManyOutput:
+    return _many_np_after(inputs, _many_ste(inputs))
+
+
 MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
@@ -145,6 +246,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "McMahan et al., AISTATS 2017 (FedAvg)",
             "plain interpolation of the weights, no alignment",
             _average,
+            _many_average,
         ),
         MergeMethod(
             "wm",
@@ -152,6 +254,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "Ainsworth et al., ICLR 2023 (Git Re-Basin)",
             "weight matching: permutations that bring B's weights closest to A's",
             _wm,
+            _many_wm,
         ),
         MergeMethod(
             "am",
@@ -166,6 +269,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "Yamada et al., ACML 2024; Ainsworth et al., ICLR 2023",
             "permutations learned with a straight-through estimator on the surrogate loss",
             _ste,
+            _many_ste,
         ),
         MergeMethod(
             "np",
@@ -173,6 +277,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "Orozco Camacho et al., 2024 (NP Merge)",
             "a learned interpolation coefficient per parameter, after weight matching",
             _np,
+            _many_np,
         ),
         MergeMethod(
             "ste+np",
@@ -180,6 +285,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "Yamada et al., ACML 2024 + Orozco Camacho et al., 2024",
             "NP Merge after STE alignment",
             _ste_np,
+            _many_ste_np,
         ),
     )
 }
@@ -202,9 +308,11 @@ def get_method(name: str) -> MergeMethod:
 
 def methods_table() -> str:
     """The registry as a Markdown table (the README's method table is this text)."""
-    lines = ["| method | needs data | what it does | paper |", "|---|---|---|---|"]
+    lines = ["| method | needs data | N models at once | what it does | paper |", "|---|---|---|---|---|"]
     lines += [
-        f"| `{m.name}` | {'yes' if m.needs_data else 'no'} | {m.summary} | {m.paper} |" for m in MERGE_METHODS.values()
+        f"| `{m.name}` | {'yes' if m.needs_data else 'no'} | {'yes' if m.merge_many else 'no'} | {m.summary} "
+        f"| {m.paper} |"
+        for m in MERGE_METHODS.values()
     ]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedmerge.align.permute import Perms, State, apply_permutation
+from fedmerge.align.universe import UNIVERSE_METHODS, UniverseMethod
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.methods import DATA_METHODS, METHODS, MethodName, PairInputs, get_method
@@ -34,7 +35,8 @@ class MergeConfig:
 
     ``method``: a name from :data:`fedmerge.merge.methods.MERGE_METHODS` (average, wm, am, ste, np, ste+np).
     ``correction``: auto (BatchNorm reset when the model has BatchNorm and data is available),
-    none, bn-reset, repair.
+    none, bn-reset, repair. ``alignment``: how N-model merges (:func:`fedmerge.merge.many.merge_models`) map every
+    client into one shared frame: ``merge-many`` (MergeMany weight matching) or ``c2m3`` (Frank-Wolfe, C2M3).
     """
 
     method: MethodName = "ste"
@@ -42,9 +44,12 @@ class MergeConfig:
     ste: STEConfig = field(default_factory=STEConfig)
     np: NPConfig = field(default_factory=NPConfig)
     seed: int = 0
+    alignment: UniverseMethod = "merge-many"
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        if self.alignment not in UNIVERSE_METHODS:
+            raise ValueError(f"unknown alignment {self.alignment!r}; choose from {UNIVERSE_METHODS}")
         if self.correction not in CORRECTIONS:
             raise ValueError(f"unknown correction {self.correction!r}; choose from {CORRECTIONS}")
 

@@ -1,0 +1,193 @@
+"""Server-side distillation on the pooled client surrogates (FedDF, Lin et al. 2020), and its fair baseline.
+
+``distill`` trains a copy of a student (a merged model, or a fresh one) on the union of the clients' tiny
+surrogates with random translations and mixup, against
+
+* ``teacher`` given: ``kd_weight * T^2 * KL(teacher_T || student_T) + label_weight * CE(student, labels)``,
+  where the teacher (e.g. the clients' ``Ensemble``) is evaluated under ``no_grad`` on exactly the augmented,
+  mixed batch the student sees (so the surrogate images become an endless stream of new transfer points);
+* ``teacher=None``: ``label_weight * CE(student, labels)`` only -- the "pooled surrogates" baseline with the
+  same augmentation, mixup and step budget, so the comparison isolates the value of the teacher.
+
+Labels are mixed like the images (soft one-hot targets), so CE and KL are both soft-target cross-entropies.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmerge.data.images import LabeledImages
+from fedmerge.train import TrainConfig, fit, predict_logits
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hyper-parameters of ``distill`` (Adam with a cosine schedule, run through ``fedmerge.train.fit``).
+
+    ``temperature`` softens teacher and student alike (the KL term is scaled by ``T^2`` so its gradient size
+    does not depend on ``T``); the default 1.0 is FedDF's choice and keeps the ensemble's calibrated
+    probabilities -- with mixup the teacher's targets on mixed images are already soft. ``shift`` is the
+    largest random translation in pixels (0 disables), ``mixup`` the Beta(a, a) parameter (0 disables).
+    ``kd_weight`` and ``label_weight`` weight the distillation and the label cross-entropy; without a
+    teacher only the label term is used. ``weight_decay`` is Adam's (coupled) L2 penalty.
+    """
+
+    steps: int = 2000
+    lr: float = 1e-3
+    batch_size: int = 128
+    temperature: float = 1.0
+    shift: int = 2
+    mixup: float = 1.0
+    kd_weight: float = 1.0
+    label_weight: float = 1.0
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"DistillConfig.{name} must be positive, got {value!r}")
+        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"DistillConfig.{name} must be non-negative, got {value!r}")
+        for name in ("steps", "batch_size", "shift"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value:
+                raise ValueError(f"DistillConfig.{name} must be an integer, got {value!r}")
+        if self.kd_weight == 0 and self.label_weight == 0:
+            raise ValueError("DistillConfig.kd_weight and DistillConfig.label_weight cannot both be 0")
+
+    def train_config(self) -> TrainConfig:
+        """The ``TrainConfig`` for ``fit`` (Adam; the number of steps is passed to ``fit`` separately)."""
+        return TrainConfig(
+            epochs=1, lr=self.lr, batch_size=self.batch_size, optimizer="adam", weight_decay=self.weight_decay
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a plain dict (for reports)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class DistillResult:
+    """The trained copy of the student (eval mode), the loss of every step and the wall-clock time."""
+
+    model: nn.Module
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
+    """Translate every image of ``x`` (N x C x H x W) by its own random integer offset in ``[-shift, shift]``
+    along each axis, filling the uncovered border by replicating the edge pixels (the background of normalised
+    images, whatever value normalisation gave it). ``shift=0`` returns ``x`` itself. Offsets are drawn on the
+    CPU from ``generator``; the gather runs on ``x``'s device with no per-image loop."""
+    if shift < 0:
+        raise ValueError(f"shift must be non-negative, got {shift}")
+    if shift == 0 or len(x) == 0:
+        return x
+    n, _, h, w = x.shape
+    offsets = torch.randint(-shift, shift + 1, (2, n), generator=generator).to(x.device)
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate").permute(0, 2, 3, 1)  # N x H' x W' x C
+    rows = torch.arange(h, device=x.device)[None, :] + shift - offsets[0][:, None]  # N x H: source row
+    cols = torch.arange(w, device=x.device)[None, :] + shift - offsets[1][:, None]  # N x W: source column
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded[batch, rows[:, :, None], cols[:, None, :]]  # N x H x W x C
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def mixup(
+    x: torch.Tensor, y_soft: torch.Tensor, generator: torch.Generator, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]`` with one ``lam ~ Beta(alpha, alpha)`` per
+    batch and a random permutation ``perm`` of it; the soft targets ``y_soft`` (N x K) are mixed alike, so rows
+    that sum to 1 still do. ``alpha=0`` (or a batch of one) returns the inputs unchanged."""
+    if alpha < 0:
+        raise ValueError(f"mixup alpha must be non-negative, got {alpha}")
+    if alpha == 0 or len(x) < 2:
+        return x, y_soft
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y_soft + (1 - lam) * y_soft[perm]
+
+
+def distill(
+    student: nn.Module,
+    data: LabeledImages,
+    teacher: nn.Module | None = None,
+    config: DistillConfig = DistillConfig(),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> DistillResult:
+    """Train a copy of ``student`` for ``config.steps`` Adam steps on augmented, mixed batches of ``data``.
+
+    With ``teacher`` (any module returning logits or log-probabilities, e.g. ``Ensemble``) the loss adds the
+    temperature-scaled KL divergence from the teacher's prediction on the same batch; with ``teacher=None``
+    it is the pooled-surrogates baseline (labels only, same budget). The student copy trains in train mode;
+    the teacher runs in eval mode under ``no_grad`` (it is moved to ``device`` and its mode restored after).
+    Deterministic given ``seed``. The caller's ``student`` is left untouched.
+    """
+    if teacher is None and config.label_weight == 0:
+        raise ValueError("without a teacher, DistillConfig.label_weight must be positive (nothing to learn from)")
+    start = time.perf_counter()
+    model = copy.deepcopy(student).to(device).train()
+    data = data.to(device)
+    generator = torch.Generator().manual_seed(seed + 1_000_003)  # augmentation stream; fit seeds batch order
+    t = config.temperature
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:
+        teacher.to(device).eval()
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        targets = F.one_hot(y, data.num_classes).to(x.dtype)
+        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
+        logits = model(x)
+        if logits.shape[1] != data.num_classes:
+            raise ValueError(f"student predicts {logits.shape[1]} classes but the data has {data.num_classes}")
+        loss = logits.new_zeros(())
+        if config.label_weight > 0:
+            loss = loss + config.label_weight * soft_cross_entropy(logits, targets)
+        if teacher is not None and config.kd_weight > 0:
+            with torch.no_grad():
+                teacher_out = teacher(x)
+            if teacher_out.shape != logits.shape:
+                raise ValueError(f"teacher output {tuple(teacher_out.shape)} != student output {tuple(logits.shape)}")
+            log_p = F.log_softmax(teacher_out / t, dim=1)
+            log_q = F.log_softmax(logits / t, dim=1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+            loss = loss + config.kd_weight * t * t * kl
+        return loss
+
+    try:
+        name = "distill" if teacher is not None else "pooled surrogates"
+        losses = fit(
+            model.parameters(), loss_fn, data, config.train_config(), seed=seed, steps=config.steps, description=name
+        )
+    finally:
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+    return DistillResult(model.eval(), losses, time.perf_counter() - start)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (N x K) against probability rows ``targets`` (N x K)."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def agreement(model_a: nn.Module, model_b: nn.Module, data: LabeledImages, device: torch.device | str = "cpu") -> float:
+    """Percentage of the images of ``data`` on which the two models' top-1 predictions agree (both run in eval
+    mode on ``device``, like ``predict_logits``)."""
+    if len(data) == 0:
+        return float("nan")
+    a = predict_logits(model_a, data, device=device).argmax(1)
+    b = predict_logits(model_b, data, device=device).argmax(1)
+    return 100.0 * (a == b).float().mean().item()

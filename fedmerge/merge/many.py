@@ -1,0 +1,97 @@
+"""One entry point for merging N models at once: alignment of all clients into one universe, the method's N-model
+merge, and the post-merge correction. The pairwise alternative is :func:`fedmerge.merge.pairwise.merge_pair`
+chained along a schedule (``strategies.schedule``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedmerge.align.permute import Perms, State
+from fedmerge.data.images import LabeledImages
+from fedmerge.merge.functional import load_state
+from fedmerge.merge.methods import ManyInputs, get_method
+from fedmerge.merge.pairwise import MergeConfig, check_compatible
+from fedmerge.merge.repair import has_batchnorm, reset_batchnorm
+from fedmerge.models.protocol import model_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ManyResult:
+    """The merged weights, each client's permutation into them, what actually ran and how long it took."""
+
+    state: State
+    perms: list[Perms]
+    method: str
+    seconds: float
+    align_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def merge_models(
+    model: nn.Module,
+    states: Sequence[State],
+    weights: Sequence[float],
+    surrogate: LabeledImages | None = None,
+    config: MergeConfig = MergeConfig(),
+    device: torch.device | str = "cpu",
+) -> ManyResult:
+    """Merge N models (weighted by ``weights``, e.g. their sample counts) into one, all at once.
+
+    Every client is mapped into one shared universe (``config.alignment``: MergeMany weight matching or C2M3), then
+    merged by ``config.method``'s N-model form. Methods that need data fall back to data-free weight matching,
+    with a log line, when ``surrogate`` (the union of the clients' surrogates) is missing or empty. Post-merge
+    correction: a BatchNorm reset on the surrogate (``auto`` on a model with BatchNorm, or ``bn-reset``); REPAIR
+    is pairwise only and is replaced by a BatchNorm reset here.
+    """
+    start = time.perf_counter()
+    if not states:
+        raise ValueError("nothing to merge: no client models")
+    if len(weights) != len(states):
+        raise ValueError(f"need one weight per model: {len(weights)} weights for {len(states)} models")
+    spec = model_spec(model)
+    for state in states[1:]:
+        check_compatible(spec, states[0], state)
+    method = get_method(config.method)
+    if method.merge_many is None:
+        raise ValueError(f"merge method {method.name!r} has no N-model form; use a pairwise schedule (tree)")
+    has_data = surrogate is not None and len(surrogate) > 0
+    if method.needs_data and not has_data:
+        log.warning(
+            "merge method %r needs surrogate data but none was given: falling back to data-free weight matching",
+            method.name,
+        )
+        method = get_method("wm")
+    assert method.merge_many is not None
+    on_device = [{k: v.to(device) for k, v in s.items()} for s in states]
+    data = surrogate if has_data else None
+    inputs = ManyInputs(model, spec, on_device, [float(w) for w in weights], data, config.alignment, config, device)
+    out = method.merge_many(inputs)
+    merged = out.merged
+    correction = config.correction
+    if correction == "auto":
+        correction = "bn-reset" if has_batchnorm(model) else "none"
+    if correction == "repair":
+        log.warning("REPAIR is defined for pairs of models: a BatchNorm reset corrects the N-model merge instead")
+        correction = "bn-reset"
+    if correction == "bn-reset":
+        if data is None:
+            log.warning("correction 'bn-reset' needs surrogate data but none was given: skipped")
+        else:
+            net = reset_batchnorm(load_state(model, merged), data, device=device)
+            merged = net.state_dict()
+    return ManyResult(
+        {k: v.detach().cpu() for k, v in merged.items()},
+        out.perms,
+        method.name,
+        time.perf_counter() - start,
+        out.align_seconds,
+        out.losses,
+    )
