@@ -458,6 +458,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--client-gpus", type=float, default=default_client_gpus(), help="GPU share per simulated client"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of an in-process run (1 keeps results bit-identical)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--no-report", action="store_true", help="skip the plots and summary at the end")
     return parser.parse_args(None if argv is None else list(argv))
@@ -500,6 +503,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         args.out,
         args.cache,
         args.timeout,
+        threads=args.threads,
         client_gpus=args.client_gpus,
         fedavg_rounds=args.fedavg_rounds,
         data_root=data_root,
