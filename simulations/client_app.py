@@ -174,6 +174,14 @@ def client_work(
     when wanted, and measure. With ``settings.client_cache`` set, a model or surrogate trained before with the same
     settings is loaded instead, and its metrics report the seconds it took when it was made (``cached`` = 1)."""
     data = client_train_data(settings.federation, partition_id)
+    if settings.train.epochs <= 0:
+        log.warning(
+            "client %d, round %d: epochs = %d, so this client does NOT train: it sends %s unchanged",
+            partition_id,
+            server_round,
+            settings.train.epochs,
+            "the received global weights" if received is not None else "its random initialisation",
+        )
     cache = ClientCache(settings.client_cache) if settings.client_cache else None
     key = model_key(settings, partition_id, server_round, received) if cache else ""
     trained = cache.load_model(key) if cache else None

@@ -4,8 +4,12 @@
 
 Client models come from the client cache (``--cache``, by default the one ``simulations.sweep`` filled), so the
 models are those of a sweep's federation; missing ones are trained first. For each client count it times the whole
-merge along three ways: the tree with each level's pairs in parallel Ray tasks (``--workers``), the same tree one
-pair after another in this process, and all-to-one (always sequential). Ray is started, and its workers warmed up
+merge along the ways named by ``--ways``: the tree with each level's pairs in parallel Ray tasks (``--workers``), the
+same tree one pair after another in this process, all-to-one (always sequential), and the universe schedule (all
+clients at once in one shared frame, optionally followed by ensemble distillation: ``--set distill-steps=1000``).
+``peak-rss-mb`` is this process's peak so far; with ``--isolate`` every measurement runs in a fresh process and
+``merge-peak-rss-mb`` is that process's own peak (the merge's memory, plus the loaded clients and Python).
+Ray is started, and its workers warmed up
 with an untimed merge, before timing. Rows go to
 ``results/merge_scaling.csv`` (resumable, like the sweep) and a plot to ``results/merge_scaling.png``.
 """
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +38,7 @@ from fedmerge.train import evaluate
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
 from simulations.in_process import client_updates
 from simulations.memory import peak_rss_mb
+from simulations.results_io import read_rows as read_csv_rows
 from simulations.results_io import save_rows
 from simulations.server_app import template_model
 from simulations.sweep import parse_assignment
@@ -45,7 +52,9 @@ WAYS: dict[str, tuple[Schedule, str]] = {
     "tree, parallel": ("tree", "ray"),
     "tree, sequential": ("tree", "sequential"),
     "all-to-one": ("all-to-one", "sequential"),
+    "universe": ("universe", "sequential"),
 }
+DEFAULT_WAYS = ["tree, parallel", "tree, sequential", "all-to-one"]
 
 
 def client_nodes(settings: RunSettings, num_clients: int) -> list[MergeNode]:
@@ -66,11 +75,34 @@ def time_merge(settings: RunSettings, nodes: list[MergeNode], way: str, ray_runn
     )
 
 
+def _isolated(run_config: dict, num_clients: int, way: str) -> tuple[float, float, float]:
+    torch.set_num_threads(1)
+    settings = settings_from_run_config(run_config, num_clients)
+    nodes = client_nodes(settings, num_clients)
+    seconds, accuracy = time_merge(settings, nodes, way, RayRunner(1))
+    return seconds, accuracy, peak_rss_mb()
+
+
+def isolated_time_merge(run_config: dict, num_clients: int, way: str) -> tuple[float, float, float]:
+    """:func:`time_merge` in a fresh process (no Ray ways): seconds, accuracy and that process's peak RSS (MB)."""
+    if WAYS[way][1] == "ray":
+        raise ValueError("--isolate times in-process ways only")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_isolated, run_config, num_clients, way).result()
+
+
 def read_rows(csv_path: Path) -> pd.DataFrame:
     """Finished measurements (``cfg`` as text: an empty one stays "", not NaN)."""
     if not csv_path.exists():
         return pd.DataFrame(columns=["num-clients", "method", "way", "cfg"])
-    return pd.read_csv(csv_path, dtype={"cfg": str}, keep_default_na=False, na_values={"merge-seconds": [""]})
+    return read_csv_rows(
+        csv_path,
+        required=("num-clients", "method", "way"),
+        dtype={"cfg": str},
+        keep_default_na=False,
+        na_values={"merge-seconds": [""]},
+    )
 
 
 def warm_up(settings: RunSettings, nodes: list[MergeNode], ray_runner: RayRunner) -> None:
@@ -90,7 +122,7 @@ def plot(rows: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         here = rows[rows["method"] == method]
-        for way in WAYS:
+        for way in sorted(here["way"].unique()):
             line = here[here["way"] == way].groupby("num-clients")["merge-seconds"].mean()
             ax.plot(line.index, line.values, marker="o", label=way)
         ticks = sorted(here["num-clients"].unique())
@@ -115,13 +147,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks per tree level")
     parser.add_argument("--cache", type=Path, default=Path("results/sweep/client-cache"))
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--ways", nargs="+", choices=list(WAYS), default=DEFAULT_WAYS, help="schedules to time")
+    parser.add_argument("--isolate", action="store_true", help="time each merge in a fresh process (its own peak)")
+    parser.add_argument("--name", default="merge_scaling", help="file stem of the CSV and plot under --out")
     args = parser.parse_args(None if argv is None else list(argv))
     console = Console(stderr=True)
     torch.set_num_threads(1)  # one thread per merge, as in the Ray tasks: the comparison is about the schedule
-    csv_path = args.out / "merge_scaling.csv"
+    csv_path = args.out / f"{args.name}.csv"
     done = read_rows(csv_path)
     ray_runner = RayRunner(args.workers)
-    ray_runner.start()  # start Ray before any timing
+    if any(WAYS[way][1] == "ray" for way in args.ways):
+        ray_runner.start()  # start Ray before any timing
     warmed = False
     for num_clients in args.clients:
         for method in args.methods:
@@ -138,7 +174,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             cfg = " ".join(f"{k}={v}" for k, v in sorted(dict(args.overrides).items()))
             settings = settings_from_run_config(run_config, num_clients)
             nodes = None
-            for way in WAYS:
+            for way in args.ways:
                 finished = done[
                     (done["num-clients"] == num_clients)
                     & (done["method"] == method)
@@ -147,12 +183,16 @@ def main(argv: Iterable[str] | None = None) -> int:
                 ]
                 if len(finished):
                     continue
-                if nodes is None:
-                    nodes = client_nodes(settings, num_clients)
-                    if not warmed:
+                merge_peak = float("nan")
+                if args.isolate:
+                    seconds, accuracy, merge_peak = isolated_time_merge(run_config, num_clients, way)
+                else:
+                    if nodes is None:
+                        nodes = client_nodes(settings, num_clients)
+                    if not warmed and WAYS[way][1] == "ray":
                         warm_up(settings, nodes, ray_runner)
                         warmed = True
-                seconds, accuracy = time_merge(settings, nodes, way, ray_runner)
+                    seconds, accuracy = time_merge(settings, nodes, way, ray_runner)
                 row = {
                     "dataset": args.dataset,
                     "split": args.split,
@@ -163,12 +203,13 @@ def main(argv: Iterable[str] | None = None) -> int:
                     "merge-seconds": round(seconds, 2),
                     "acc_merged_global": round(accuracy, 2),
                     "peak-rss-mb": round(peak_rss_mb(), 1),
+                    "merge-peak-rss-mb": round(merge_peak, 1),
                     "cfg": cfg,
                 }
                 save_rows(csv_path, [row | {f"version_{k}": v for k, v in package_versions().items()}])
                 done = read_rows(csv_path)
                 console.log(f"N={num_clients} {method} {way}: {seconds:.1f} s, merged {accuracy:.1f}%")
-    console.log(f"wrote {plot(pd.read_csv(csv_path), args.out / 'merge_scaling.png')}")
+    console.log(f"wrote {plot(read_csv_rows(csv_path), args.out / f'{args.name}.png')}")
     return 0
 
 

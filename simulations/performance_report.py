@@ -19,6 +19,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from simulations.results_io import read_rows
+
 matplotlib.use("Agg")  # files only, no display
 
 PARTS = {"train": "client training", "surrogate": "surrogates", "merge": "merge", "other": "everything else"}
@@ -135,11 +137,11 @@ def write_performance_report(results: Path) -> Path:
         results / "sweep" / "runs.csv",
     )
     if scaling.exists():
-        lines += scaling_section(pd.read_csv(scaling))
+        lines += scaling_section(read_rows(scaling))
     if overhead.exists():
-        lines += overhead_section(pd.read_csv(overhead), results / "overhead.png")
+        lines += overhead_section(read_rows(overhead), results / "overhead.png")
     if sweep.exists():
-        lines += memory_section(pd.read_csv(sweep))
+        lines += memory_section(read_rows(sweep))
     if len(lines) == 2:
         raise FileNotFoundError(f"none of {scaling}, {overhead}, {sweep} exists: run the benchmarks first")
     path = results / "performance.md"

@@ -1,20 +1,142 @@
-"""Result files: CSV tables that only ever grow, written so that a crash never loses a finished row."""
+"""Result files: CSV tables that only ever grow, written so that a crash never loses a finished row.
+
+Every reader of a results CSV goes through :func:`read_rows`, which sets broken lines aside instead of reading them:
+a line is broken when it has another number of fields than the header, when a key column (:data:`KEY_COLUMNS`
+present in the header, or the ``required`` columns asked for) is empty in it, or when it is the file's last line and
+has no line end (a write cut short: every writer here ends each line with one). Each broken line is logged
+(WARNING, naming the file and the line number), appended to ``<file>.bad`` next to the file (e.g.
+``runs.csv.bad``) and removed from the file, which is rewritten atomically with the good lines only; when the file
+cannot be rewritten (read-only results), the broken lines are left in it but still not read.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS: tuple[str, ...] = ("run-key", "run-id")
+"""Columns that identify a row wherever they appear: a row with one of them empty is broken."""
+
+
+def bad_rows_path(csv_path: Path) -> Path:
+    """Where :func:`read_rows` puts the broken lines of ``csv_path``: ``<name>.bad`` next to it."""
+    return csv_path.with_name(csv_path.name + ".bad")
+
+
+def _records(text: str) -> Iterator[tuple[int, list[str] | None, str]]:
+    """(first line number, fields, raw text) of each CSV record of ``text`` (a quoted field may span lines).
+
+    Fields are None for a record the csv module cannot parse (then the rest of the text is that one record).
+    """
+    lines = list(io.StringIO(text, newline=""))  # split at \n, \r\n or \r only, ends kept (as csv wants)
+    consumed: list[str] = []
+    position = 0
+
+    def feed() -> Iterator[str]:
+        nonlocal position
+        while position < len(lines):
+            position += 1
+            consumed.append(lines[position - 1])
+            yield lines[position - 1]
+
+    reader = csv.reader(feed())
+    line_number = 1
+    while True:
+        fields: list[str] | None
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            fields = None
+            consumed.extend(lines[position:])
+            position = len(lines)
+        raw = "".join(consumed)
+        consumed.clear()
+        yield line_number, fields, raw
+        line_number += raw.count("\n") or 1
+        if fields is None:
+            return
+
+
+def _problem(fields: list[str] | None, header: list[str], required: Sequence[str], raw: str, last: bool) -> str:
+    """Why a record is broken ("" when it is not)."""
+    if fields is None:
+        return "not valid CSV"
+    if len(fields) != len(header):
+        return f"{len(fields)} fields, the header has {len(header)}"
+    empty = [name for name in required if name in header and not fields[header.index(name)].strip()]
+    if empty:
+        return f"empty key column(s) {empty}"
+    if last and not raw.endswith(("\n", "\r")):
+        return "no line end (a write cut short)"
+    return ""
+
+
+def read_rows(csv_path: Path, required: Sequence[str] = (), **read_csv: Any) -> pd.DataFrame:
+    """The rows of the CSV at ``csv_path`` as ``pd.read_csv(..., **read_csv)`` reads them, without broken lines.
+
+    Broken lines (see the module docstring; ``required`` adds key columns to :data:`KEY_COLUMNS`) are logged,
+    moved to :func:`bad_rows_path` and removed from the file. A missing or empty file gives an empty DataFrame.
+    """
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return pd.DataFrame()
+    text = csv_path.read_bytes().decode("utf-8", errors="replace")  # line ends as they are
+    records = list(_records(text))
+    keys = [*KEY_COLUMNS, *(name for name in required if name not in KEY_COLUMNS)]
+    header: list[str] | None = None
+    good: list[str] = []
+    bad: list[str] = []
+    for index, (line, fields, raw) in enumerate(records):
+        if fields == [] or (header is None and fields is not None):  # a blank line (pandas skips it), the header
+            header = fields or header
+            good.append(raw)
+            continue
+        problem = _problem(fields, header or [], keys, raw, index == len(records) - 1)
+        if problem:
+            log.warning(
+                "%s, line %d: broken row set aside in %s (%s)", csv_path, line, bad_rows_path(csv_path), problem
+            )
+            bad.append(raw if raw.endswith(("\n", "\r")) else raw + "\n")
+        else:
+            good.append(raw)
+    if bad:
+        _set_aside(csv_path, good, bad)
+    if header is None:
+        return pd.DataFrame()  # only blank lines: nothing to read
+    return pd.read_csv(io.StringIO("".join(good)), **read_csv)
+
+
+def _set_aside(csv_path: Path, good: list[str], bad: list[str]) -> None:
+    """Append ``bad`` to the ``.bad`` file, then replace the CSV by ``good`` (atomically)."""
+    try:
+        with open(bad_rows_path(csv_path), "a", encoding="utf-8", newline="") as f:
+            f.writelines(bad)
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        tmp.write_text("".join(good), encoding="utf-8", newline="")
+        tmp.replace(csv_path)
+    except OSError as err:
+        log.warning("%s: cannot set its broken rows aside (%s); they are skipped when read", csv_path, err)
+
 
 def save_rows(csv_path: Path, rows: list[dict]) -> None:
-    """Add ``rows`` to the CSV, matching columns by name, via a temporary file and an atomic rename."""
+    """Add ``rows`` to the CSV, matching columns by name, via a temporary file and an atomic rename.
+
+    The old rows are read with :func:`read_rows` (broken lines are set aside, not carried forward).
+    """
     if not rows:
         return
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     # Old rows are read as text and written back unchanged (no type guessing: a key "0123" stays "0123").
-    has_rows = csv_path.exists() and csv_path.stat().st_size > 0
-    old = pd.read_csv(csv_path, dtype=str, keep_default_na=False) if has_rows else pd.DataFrame()
+    old = read_rows(csv_path, dtype=str, keep_default_na=False)
     tmp = csv_path.with_suffix(".csv.tmp")
     pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
     tmp.replace(csv_path)

@@ -65,10 +65,16 @@ def template_model(settings: RunSettings) -> nn.Module:
 
 def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) -> PermutationMerge | SortedFedAvg:
     """The strategy the run config names, waiting for and sampling all ``num_clients`` clients."""
-    nodes = {"min_train_nodes": num_clients, "min_available_nodes": num_clients}
-    num_classes = global_test_data(settings.federation).num_classes
+    test = global_test_data(settings.federation)
+    num_classes, image_shape = test.num_classes, test.image_shape
     if settings.strategy == "fedavg":
-        return SortedFedAvg(num_classes, **nodes)
+        return SortedFedAvg(
+            num_classes,
+            min_train_nodes=num_clients,
+            min_available_nodes=num_clients,
+            image_shape=image_shape,
+            num_partitions=num_clients,
+        )
     return PermutationMerge(
         template,
         settings.merge_config(),
@@ -78,6 +84,8 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
         num_classes=num_classes,
         finetune=settings.finetune_config(),
         distill=settings.distill_config(),
+        image_shape=image_shape,
+        num_partitions=num_clients,
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,
     )

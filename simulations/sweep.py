@@ -41,7 +41,7 @@ from fedmerge.progress import progress_enabled
 from fedmerge.surrogate import SURROGATE_KINDS
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlinks
-from simulations.results_io import save_rows
+from simulations.results_io import read_rows, save_rows
 from strategies.schedule import SCHEDULES
 
 BACKENDS = ("flower", "in-process")
@@ -260,7 +260,8 @@ def finished_rows(csv_path: Path) -> pd.DataFrame:
     """The rows already in the sweep's CSV (empty when none)."""
     if not csv_path.exists() or csv_path.stat().st_size == 0:
         return pd.DataFrame(columns=["run-key"])
-    return pd.read_csv(csv_path, dtype={"run-key": str})
+    rows = read_rows(csv_path, dtype={"run-key": str})
+    return rows if "run-key" in rows else pd.DataFrame(columns=["run-key"])
 
 
 def _run_flower(run: PlannedRun, config: dict, options: SweepOptions) -> dict:
@@ -279,7 +280,10 @@ def _run_flower(run: PlannedRun, config: dict, options: SweepOptions) -> dict:
     if not completed or not csv_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:]) if log_path.exists() else ""
         raise RuntimeError(f"flwr run left no results row (log: {log_path}):\n{tail}")
-    return pd.read_csv(csv_path).iloc[-1].to_dict()
+    rows = read_rows(csv_path)
+    if rows.empty:
+        raise RuntimeError(f"flwr run left no readable results row in {csv_path} (log: {log_path})")
+    return rows.iloc[-1].to_dict()
 
 
 def _run_in_process(run: PlannedRun, config: dict, options: SweepOptions) -> dict:

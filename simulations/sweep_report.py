@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.artist import Artist
 
+from simulations.results_io import read_rows
+
 matplotlib.use("Agg")  # files only, no display
 
 BASELINES = {
@@ -36,7 +38,7 @@ GOAL_ENSEMBLE_SHARE = 0.9
 def load_runs(csv_path: Path, backend: str = "flower") -> pd.DataFrame:
     """The sweep's rows run by ``backend``, with ``setting`` (dataset and split), ``method`` (with the surrogate when
     several were swept) and ``client-mean_global`` (the mean of the clients' own global accuracies) added."""
-    runs = pd.read_csv(csv_path)
+    runs = read_rows(csv_path)
     if "sweep-backend" in runs:
         runs = runs[runs["sweep-backend"] == backend].copy()
     if runs.empty:

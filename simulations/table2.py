@@ -25,7 +25,7 @@ from fedmerge.models import build_model
 from fedmerge.surrogate import CondenseConfig, SurrogateConfig, build_surrogate
 from fedmerge.surrogate.build import require_surrogate
 from fedmerge.train import TrainConfig
-from simulations.results_io import save_rows
+from simulations.results_io import read_rows, save_rows
 from simulations.versions import package_versions
 
 PAIRS = {
@@ -177,7 +177,7 @@ def finished_rows(csv_path: Path, config: dict) -> pd.DataFrame:
     """Rows already in ``csv_path`` that were made with ``config`` (empty when there are none)."""
     if not csv_path.exists() or csv_path.stat().st_size == 0:
         return pd.DataFrame(columns=["pair", "seed", "label"])
-    frame = pd.read_csv(csv_path)
+    frame = read_rows(csv_path, required=("pair", "seed", "label"))
     same = pd.Series(True, index=frame.index)
     for key, value in config.items():
         same &= frame[key] == value if key in frame else False

@@ -28,6 +28,9 @@ State = dict[str, torch.Tensor]
 class SortedFedAvg(FedAvg):
     """Federated averaging weighted by sample counts, deterministic and robust.
 
+    ``image_shape`` (the model's input) and ``num_partitions`` (the federation's size), when given, let the reply
+    checks refuse surrogates of another shape and partition ids out of range.
+
     Unlike Flower's ``FedAvg`` it sums the replies in partition-id order (so a seed gives the same weights on every
     run), leaves out failed, mis-shaped or non-finite replies with a logged reason instead of stopping, and accepts
     replies that also carry a surrogate. Clients are told to train from the global weights and not to send a
@@ -48,6 +51,8 @@ class SortedFedAvg(FedAvg):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        image_shape: tuple[int, int, int] | None = None,
+        num_partitions: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -57,6 +62,8 @@ class SortedFedAvg(FedAvg):
             min_available_nodes=min_available_nodes,
         )
         self.num_classes = num_classes
+        self.image_shape = image_shape
+        self.num_partitions = num_partitions
         self.client_updates: list[ClientUpdate] = []
         self.left_out: list[tuple[str, str]] = []
         self.merge_seconds = 0.0
@@ -85,7 +92,9 @@ class SortedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Combine the usable replies; ``(None, None)`` (the global model stays) when none is usable."""
-        updates, self.left_out = accept_replies(replies, self._reference, self.num_classes)
+        updates, self.left_out = accept_replies(
+            replies, self._reference, self.num_classes, self.image_shape, num_partitions=self.num_partitions
+        )
         self.client_updates = updates
         self.round_upload_bytes[server_round] = upload_bytes(updates)
         if not updates:
@@ -96,7 +105,13 @@ class SortedFedAvg(FedAvg):
             )
             return None, None
         start = time.perf_counter()
-        state = self.combine(updates)
+        try:
+            state = self.combine(updates)
+        except Exception:  # a merge that breaks keeps the global model; the run goes on
+            log.exception(
+                "round %d: combining %d client(s) failed: the global model stays as it was", server_round, len(updates)
+            )
+            return None, None
         self.merge_seconds = time.perf_counter() - start
         log.info(
             "round %d: combined %d client(s) %s in %.1f s (%d left out)",

@@ -60,6 +60,8 @@ class PermutationMerge(SortedFedAvg):
         num_classes: int | None = None,
         finetune: TrainConfig | None = None,
         distill: DistillConfig | None = None,
+        image_shape: tuple[int, int, int] | None = None,
+        num_partitions: int | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
@@ -81,6 +83,8 @@ class PermutationMerge(SortedFedAvg):
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
+            image_shape=image_shape,
+            num_partitions=num_partitions,
         )
         self.model = model
         self.merge = merge if merge is not None else MergeConfig()

@@ -9,14 +9,25 @@ A client's reply to a ``train`` message carries:
 
 Plain Flower clients that send only weights and ``num-examples`` are read too: they have no surrogate, and
 their partition id falls back to the node id.
+
+:func:`read_reply` checks what can be checked without the server's model, and raises :class:`InvalidReply` (naming
+the client) for anything else than this: ``num-examples`` a whole number in 1..2**53 and ``partition-id`` a whole
+number >= 0 (whole floats such as ``3.0`` are read as ints; NaN, infinities, fractions, lists and booleans are
+refused); weights that are numeric arrays (floating point or integer; booleans, complex numbers and strings are
+refused); surrogate images a floating-point N x C x H x W array (read as float32) and labels a 1-D integer array of
+the same length. Extra metrics that are NaN or infinite are dropped with a warning (they would poison the round's
+means). Checks against the server's model (names, shapes, dtypes, magnitudes, image shape) are in
+:mod:`strategies.validation`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -36,9 +47,21 @@ SERVER_ROUND = "server-round"
 State = dict[str, torch.Tensor]
 MetricValue = int | float | list[int] | list[float]
 
+MAX_NUM_EXAMPLES = 2**53
+"""Largest ``num-examples`` accepted: every count up to it is exact as a float (the weights of an average)."""
+
+log = logging.getLogger(__name__)
+
 
 class InvalidReply(ValueError):
-    """A client reply the server cannot use (the message says why)."""
+    """A client reply the server cannot use (the message says why).
+
+    ``who`` names the client ("client 3 (node 1021)") once its partition id is known; None before that.
+    """
+
+    def __init__(self, message: str, who: str | None = None) -> None:
+        super().__init__(message)
+        self.who = who
 
 
 @dataclass
@@ -80,15 +103,44 @@ def surrogate_record(surrogate: LabeledImages) -> ArrayRecord:
 
 
 def read_surrogate(record: ArrayRecord, num_classes: int, name: str = "surrogate") -> LabeledImages:
-    """Decode :func:`surrogate_record`'s ArrayRecord; raises InvalidReply when it is malformed."""
+    """Decode :func:`surrogate_record`'s ArrayRecord; raises InvalidReply when it is malformed.
+
+    Images must be a floating-point N x C x H x W array (cast to float32), labels a 1-D integer array of length N.
+    Values (finite pixels, labels in range, image shape) are checked by :func:`strategies.validation.accept_replies`.
+    """
     missing = {"x", "y"} - set(record.keys())
     if missing:
         raise InvalidReply(f"surrogate record lacks {sorted(missing)}")
-    x, y = record["x"].numpy(), record["y"].numpy()
+    x, y = _numpy(record, "x", "surrogate images"), _numpy(record, "y", "surrogate labels")
+    if x.dtype.kind != "f" or x.ndim != 4:
+        raise InvalidReply(f"surrogate images must be a float N x C x H x W array, got {x.dtype} {x.shape}")
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise InvalidReply(f"surrogate labels must be a 1-D integer array, got {y.dtype} {y.shape}")
     try:
-        return LabeledImages(torch.as_tensor(x).float(), torch.as_tensor(y).long(), num_classes, name)
+        return LabeledImages(
+            torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)), num_classes, name
+        )
     except ValueError as err:
         raise InvalidReply(f"malformed surrogate: {err}") from err
+
+
+def _numpy(record: ArrayRecord, key: str, what: str) -> np.ndarray:
+    """The array ``record[key]`` as numpy; InvalidReply when it cannot be decoded."""
+    try:
+        array = record[key].numpy()
+    except Exception as err:  # a malformed Array (bad bytes, shape, dtype) raises anything from numpy
+        raise InvalidReply(f"{what} {key!r} cannot be decoded ({type(err).__name__}: {err})") from err
+    return np.asarray(array)
+
+
+def _weight_tensor(record: ArrayRecord, key: str) -> torch.Tensor:
+    """One weight array as a tensor: floating point kept as sent (float16/32/64), any integer kind as int64."""
+    array = _numpy(record, key, "weight")
+    if array.dtype.kind == "f":
+        return torch.from_numpy(array.copy())
+    if array.dtype.kind in "iu":
+        return torch.from_numpy(array.astype(np.int64))
+    raise InvalidReply(f"weight {key!r} has dtype {array.dtype}, expected a floating-point or integer array")
 
 
 def client_reply(
@@ -129,7 +181,10 @@ def _weights_record(content: RecordDict) -> ArrayRecord:
 
 
 def read_reply(message: Message, num_classes: int) -> ClientUpdate:
-    """Read a client's ``train`` reply; raises InvalidReply (with the reason) for an error reply or bad content."""
+    """Read a client's ``train`` reply; raises InvalidReply (with the reason) for an error reply or bad content.
+
+    See the module docstring for what is checked here.
+    """
     node_id = message.metadata.src_node_id
     if message.has_error():
         raise InvalidReply(f"node {node_id} failed: {message.error.reason}")
@@ -140,19 +195,36 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
     if NUM_EXAMPLES not in metrics:
         raise InvalidReply(f"node {node_id} did not report {NUM_EXAMPLES!r}")
     num_examples = _whole_number(metrics[NUM_EXAMPLES], NUM_EXAMPLES, node_id)
-    if num_examples <= 0:
+    if not 0 < num_examples <= MAX_NUM_EXAMPLES:
         raise InvalidReply(f"node {node_id} reported {num_examples} training examples")
     partition_id = _whole_number(metrics.get(PARTITION_ID, node_id), PARTITION_ID, node_id)
     if partition_id < 0:
         raise InvalidReply(f"node {node_id} reported a negative {PARTITION_ID!r}: {partition_id}")
-    state = {k: torch.from_numpy(a.numpy().copy()) for k, a in _weights_record(content).items()}
-    surrogate = None
-    if SURROGATE_KEY in content.array_records:
-        surrogate = read_surrogate(
-            content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}"
-        )
-    extra = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, PARTITION_ID)}
+    who = f"client {partition_id} (node {node_id})"
+    try:
+        weights = _weights_record(content)
+        state = {k: _weight_tensor(weights, k) for k in weights}
+        surrogate = None
+        if SURROGATE_KEY in content.array_records:
+            surrogate = read_surrogate(
+                content.array_records[SURROGATE_KEY], num_classes, f"surrogate of client {partition_id}"
+            )
+    except InvalidReply as err:
+        raise InvalidReply(str(err), who) from err
+    extra = {}
+    for key, value in metrics.items():
+        if key in (NUM_EXAMPLES, PARTITION_ID):
+            continue
+        if _finite_metric(value):
+            extra[key] = value
+        else:
+            log.warning("%s: dropping metric %r = %r (not finite)", who, key, value)
     return ClientUpdate(partition_id, node_id, state, num_examples, surrogate, extra)
+
+
+def _finite_metric(value: object) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def mean_metrics(updates: list[ClientUpdate]) -> MetricRecord:

@@ -23,6 +23,7 @@ from fedmerge.data import (
     load_dataset,
 )
 from fedmerge.data import datasets as ds
+from fedmerge.data.datasets import CorruptDatasetError
 from tests.helpers import SHARED, needs_shared
 
 pytestmark = pytest.mark.usefixtures("tmp_cache")  # conftest.py: a throw-away cache instead of ~/.cache
@@ -227,6 +228,101 @@ def test_torchvision_layout_wins_over_shared_layout(tmp_path: Path):
         write_idx(tmp_path / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", np.zeros((n, 28, 28)))
         write_idx(tmp_path / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte", np.zeros(n))
     assert len(load_dataset("mnist", root=tmp_path)) == 3
+
+
+# ------------------------------------------------------------------------------------------------ corrupt files
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty conversion cache of this test's own (to see that a failed conversion leaves nothing in it)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDMERGE_CACHE", str(cache))
+    return cache
+
+
+def cache_entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_a_truncated_gz_file_is_named_and_leaves_no_cache_entry(tmp_path: Path, fresh_cache: Path):
+    fake_shared_mnist(tmp_path / "data")
+    gz = tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+    whole = gz.read_bytes()
+    gz.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CorruptDatasetError, match="truncated or corrupt gzip data") as info:
+        load_dataset("mnist", root=tmp_path / "data")
+    assert info.value.path == gz and str(gz) in str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert cache_entries(fresh_cache) == []  # neither a converted entry nor a half-written temporary one
+    gz.write_bytes(whole)  # a fixed file is converted afresh
+    assert len(load_dataset("mnist", root=tmp_path / "data")) == 12
+    assert len(cache_entries(fresh_cache)) == 1
+
+
+def test_a_gz_file_that_is_not_gzip_is_named(tmp_path: Path, fresh_cache: Path):
+    fake_shared_mnist(tmp_path / "data")
+    gz = tmp_path / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(b"<html>not found</html>")
+    with pytest.raises(CorruptDatasetError, match="BadGzipFile") as info:
+        load_dataset("mnist", train=False, root=tmp_path / "data")
+    assert info.value.path == gz and cache_entries(fresh_cache) == []
+
+
+def test_a_whole_gz_of_a_truncated_idx_file_is_named(tmp_path: Path, fresh_cache: Path):
+    fake_shared_mnist(tmp_path / "data")
+    gz = tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+    raw = (tmp_path / "data" / "plain" / "train-images-idx3-ubyte").read_bytes()
+    gz.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(CorruptDatasetError, match=r"header \(shape \(12, 28, 28\)\) needs 9424.*truncated") as info:
+        load_dataset("mnist", root=tmp_path / "data")
+    assert info.value.path == gz and cache_entries(fresh_cache) == []
+
+
+def test_labels_that_do_not_fit_the_images_are_named(tmp_path: Path, fresh_cache: Path):
+    fake_shared_mnist(tmp_path / "data")
+    gz = tmp_path / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    plain = tmp_path / "plain-labels"
+    write_idx(plain, np.zeros(3))
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(CorruptDatasetError, match=r"shape \(3,\) does not fit the images' \(4, 28, 28\)") as info:
+        load_dataset("mnist", train=False, root=tmp_path / "data")
+    assert info.value.path == gz and cache_entries(fresh_cache) == []
+
+
+def test_a_truncated_idx_file_in_torchvision_layout_is_named(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("t10k", 3)):
+        write_idx(tmp_path / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-1])
+    with pytest.raises(CorruptDatasetError) as info:
+        load_dataset("mnist", train=False, root=tmp_path)
+    assert info.value.path == images and "truncated" in str(info.value)
+
+
+def test_truncated_cifar_records_and_bad_usps_lines_are_named(tmp_path: Path, fresh_cache: Path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "cifar10").mkdir()
+    train_bin, test_bin = (
+        tmp_path / "cifar10" / "data_batch_1_first4000.bin",
+        tmp_path / "cifar10" / "test_batch_first1000.bin",
+    )
+    train_bin.write_bytes(rng.integers(0, 10, 3 * 3073, dtype=np.uint8).tobytes())
+    test_bin.write_bytes(rng.integers(0, 10, 2 * 3073 - 7, dtype=np.uint8).tobytes())
+    with pytest.raises(CorruptDatasetError, match="not a whole number of 3073-byte CIFAR records") as info:
+        load_dataset("cifar10", root=tmp_path)
+    assert info.value.path == test_bin
+
+    (tmp_path / "usps").mkdir()
+    good = "3 " + " ".join(["-1.0000"] * 256) + "\n"
+    with gzip.open(tmp_path / "usps" / "zip.test.gz", "wt") as f:
+        f.write(good + "5 0.5 0.25\n")
+    with pytest.raises(CorruptDatasetError, match="line 2: 3 values where a label and 256 pixels") as info:
+        load_dataset("usps", train=False, root=tmp_path)
+    assert info.value.path == tmp_path / "usps" / "zip.test.gz"
+    assert cache_entries(fresh_cache) == []
 
 
 # -------------------------------------------------------------------------------------- defaults and errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,35 @@ def test_make_partition_dispatches(labels: torch.Tensor):
     assert same(make_partition("disjoint", labels, 2, seed=0), disjoint_label_partition(labels, 2, seed=0))
     with pytest.raises(ValueError, match="valid kinds: iid, dirichlet, disjoint"):
         make_partition("shards", labels, 4, seed=0)
+
+
+def test_make_partition_warns_about_clients_below_min_size(caplog):
+    y = np.repeat(np.arange(10), 10)
+    with caplog.at_level(logging.WARNING, logger="fedmerge"):
+        parts = make_partition("iid", y, 20, seed=0, min_size=10)
+    assert [len(p) for p in parts] == [5] * 20
+    (record,) = caplog.records
+    assert "the iid split of 100 samples over 20 clients leaves 20 client(s) with fewer than 10 samples" in (
+        record.message
+    )
+    assert "{0: 5, 1: 5," in record.message
+
+
+def test_make_partition_warns_about_empty_dirichlet_clients_when_min_size_is_zero(caplog):
+    y = np.repeat(np.arange(10), 10)
+    seed = next(s for s in range(200) if min(len(p) for p in dirichlet_partition(y, 8, 0.05, s, min_size=0)) == 0)
+    with caplog.at_level(logging.WARNING, logger="fedmerge"):
+        parts = make_partition("dirichlet", y, 8, seed=seed, alpha=0.05, min_size=0)
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    (record,) = caplog.records
+    assert "fewer than 1 samples" in record.message and all(f"{k}: 0" in record.message for k in empty)
+
+
+def test_make_partition_is_quiet_when_every_client_has_min_size(labels: torch.Tensor, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedmerge"):
+        make_partition("dirichlet", labels, 5, seed=0, alpha=0.5, min_size=10)
+        make_partition("disjoint", labels, 5, seed=0)
+    assert not caplog.records
 
 
 # ------------------------------------------------------------------------------------------------------- disjoint

@@ -130,7 +130,7 @@ def test_accept_replies_sorts_by_partition_and_leaves_out_bad_replies_with_reaso
     ]
     with caplog.at_level(logging.WARNING, logger="strategies"):
         updates, rejected = accept_replies(replies, reference, NUM_CLASSES, IN_SHAPE)
-    assert [u.partition_id for u in updates] == [0, 1, 2]
+    assert [u.partition_id for u in updates] == [0, 1]  # both claimants of partition 2 are left out
     assert updates[1].surrogate is None
     reasons = dict(rejected)
     assert "client crashed: out of memory" in reasons["node 77"]
@@ -138,9 +138,10 @@ def test_accept_replies_sorts_by_partition_and_leaves_out_bad_replies_with_reaso
     assert "expected (16, 64)" in reasons["client 5 (node 1035)"]
     assert "empty surrogate" in reasons["client 6 (node 1042)"]
     assert "labels outside 0..9" in reasons["client 7 (node 1049)"]
-    assert "already sent by client 2 (node 5)" in reasons["client 2 (node 1014)"]
-    assert len(rejected) == 6
-    assert sum("leaving out" in r.message for r in caplog.records) == 6
+    for who in ("client 2 (node 1014)", "client 2 (node 5)"):
+        assert "partition id 2 was claimed by 2 replies (nodes [5, 1014])" in reasons[who]
+    assert len(rejected) == 7
+    assert sum("leaving out" in r.message for r in caplog.records) == 7
 
 
 # ---------------------------------------------------------------------------------------------- schedules

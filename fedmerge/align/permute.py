@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmerge.models.spec import PermutationSpec
+from fedmerge.models.spec import PermutationSpec, block_of, perm_of
 
 Perms = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -20,20 +20,33 @@ def random_perms(spec: PermutationSpec, state: State, generator: torch.Generator
     return {p: torch.randperm(n, generator=generator) for p, n in spec.perm_sizes(state).items()}
 
 
+def expand_blocks(perm: torch.Tensor, block: int) -> torch.Tensor:
+    """Index of a permutation of units acting on an axis of blocks of ``block`` consecutive indices:
+    ``[perm[0] * block, ..., perm[0] * block + block - 1, perm[1] * block, ...]`` (``perm`` itself for 1).
+    Works on stacks of permutations too (along the last dimension)."""
+    if block == 1:
+        return perm
+    offsets = torch.arange(block, device=perm.device, dtype=perm.dtype)
+    return (perm[..., None] * block + offsets).flatten(-2)
+
+
 def permute_tensor(
     spec: PermutationSpec, perms: Perms, key: str, tensor: torch.Tensor, skip_axis: int | None = None
 ) -> torch.Tensor:
-    """Permute every axis of ``tensor`` (state entry ``key``) that the spec names, except ``skip_axis``."""
-    for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
+    """Permute every axis of ``tensor`` (state entry ``key``) that the spec names, except ``skip_axis``;
+    a :class:`~fedmerge.models.spec.Blocked` axis moves whole blocks."""
+    for axis, entry in enumerate(spec.axes_to_perm.get(key, ())):
+        perm = perm_of(entry)
         if perm is not None and axis != skip_axis:
-            tensor = tensor.index_select(axis, perms[perm].to(tensor.device))
+            tensor = tensor.index_select(axis, expand_blocks(perms[perm].to(tensor.device), block_of(entry)))
     return tensor
 
 
 def apply_permutation(spec: PermutationSpec, perms: Perms, state: State) -> State:
     """Return a new state dict with ``perms`` applied; unlisted entries are passed through unchanged.
 
-    Convention: ``new[..., i, ...] = old[..., perms[p][i], ...]`` on every axis governed by ``p``.
+    Convention: ``new[..., i, ...] = old[..., perms[p][i], ...]`` on every axis governed by ``p``; on an axis
+    of blocks, block ``i`` of the new tensor is block ``perms[p][i]`` of the old one.
     """
     return {key: permute_tensor(spec, perms, key, tensor) for key, tensor in state.items()}
 

@@ -10,7 +10,8 @@ to model ``i`` goes through the universe (``j -> universe -> i``), so composing 
   Merging", NeurIPS 2024: all models and all layers at once, on doubly-stochastic relaxations.
 
 Both use only the tensors present in the given states (pass parameters only to leave BatchNorm running
-statistics out of the matching); the permutations they return apply to the full state dicts.
+statistics out of the matching); the permutations they return apply to the full state dicts. Both handle
+axes permuted in blocks (:class:`~fedmerge.models.spec.Blocked`, e.g. a Linear after conv and flatten).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from numpy.polynomial import Polynomial
 
-from fedmerge.align.permute import Perms, State, apply_permutation, invert
+from fedmerge.align.permute import Perms, State, apply_permutation, expand_blocks, invert
 from fedmerge.align.weight_matching import solve_assignment, weight_matching
-from fedmerge.models.spec import PermutationSpec
+from fedmerge.models.spec import PermutationSpec, perm_of
 
 UniverseMethod = Literal["merge-many", "c2m3"]
 UNIVERSE_METHODS: tuple[str, ...] = get_args(UniverseMethod)
@@ -110,7 +111,7 @@ def check_states(spec: PermutationSpec, states: list[State]) -> dict[str, int]:
     for perm, axes in spec.perm_to_axes.items():
         for key, axis in axes:
             if key in reference:
-                n = reference[key].shape[axis]
+                n = spec.units(key, axis, reference[key].shape[axis])
                 if sizes.setdefault(perm, n) != n:
                     raise ValueError(f"permutation {perm!r}: {key} axis {axis} has size {n}, expected {sizes[perm]}")
         if perm not in sizes:
@@ -215,7 +216,7 @@ def c2m3(
     # indexing alone, since each step mixes in a permutation.
     tensors = []
     for key in _permuted_part(spec, reference):
-        axes = [(axis, p) for axis, p in enumerate(spec.axes_to_perm[key]) if p is not None]
+        axes = [(axis, p) for axis, p in enumerate(map(perm_of, spec.axes_to_perm[key])) if p is not None]
         stack = torch.stack([s[key].detach() for s in states]).to(device=device, dtype=dtype)
         tensors.append((axes, _images(stack, axes, soft)))
     objective: list[float] = []
@@ -328,23 +329,27 @@ def _one_hot(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _mix(x: torch.Tensor, q: torch.Tensor, axis: int) -> torch.Tensor:
     """Soft permutations ``q`` (N, n, n) applied to tensor axis ``axis`` of ``x`` (N, ...).
 
-    ``new[k] = sum_m q[k, m] old[m]``; a one-hot ``q[k] = e_perm[k]`` is ``apply_permutation``'s convention."""
+    ``new[k] = sum_m q[k, m] old[m]``; a one-hot ``q[k] = e_perm[k]`` is ``apply_permutation``'s convention.
+    An axis of ``n * block`` entries is permuted in blocks of ``block`` (a ``Blocked`` axis of the spec)."""
     moved = x.movedim(axis + 1, 1)
-    out = torch.bmm(q, moved.reshape(moved.shape[0], moved.shape[1], -1))
+    out = torch.bmm(q, moved.reshape(moved.shape[0], q.shape[-1], -1))
     return out.reshape(moved.shape).movedim(1, axis + 1)
 
 
 def _take(x: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
-    """Permutations ``index`` (N, n) applied to tensor axis ``axis`` of ``x`` (N, ...): ``new[k] = old[index[k]]``."""
+    """Permutations ``index`` (N, n) applied to tensor axis ``axis`` of ``x`` (N, ...): ``new[k] = old[index[k]]``;
+    on an axis of ``n * block`` entries, whole blocks move."""
+    index = expand_blocks(index, x.shape[axis + 1] // index.shape[1])
     shape = [1] * x.ndim
     shape[0], shape[axis + 1] = index.shape
     return x.gather(axis + 1, index.reshape(shape).expand(x.shape))
 
 
-def _rows(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``x`` (N, ...) as (N, size of ``axis``, everything else)."""
+def _rows(x: torch.Tensor, axis: int, units: int) -> torch.Tensor:
+    """``x`` (N, ...) as (N, ``units``, everything else): with ``units`` less than the size of ``axis`` (a
+    blocked axis), each unit's block joins the rest of its row."""
     moved = x.movedim(axis + 1, 1)
-    return moved.reshape(moved.shape[0], moved.shape[1], -1)
+    return moved.reshape(moved.shape[0], units, -1)
 
 
 # The (tensor axis, permutation name) pairs of one tensor's permuted axes.
@@ -385,7 +390,10 @@ def _gradient(
         value += 0.5 * float(total.square().sum(dtype=torch.float64) - weighted.square().sum(dtype=torch.float64))
         outer = (w.reshape(-1, *[1] * (mapped.ndim - 1)) * (total - weighted))[1:]
         for a, (axis, p) in enumerate(axes):
-            grads[p][1:] += torch.bmm(_rows(outer, axis), _rows(images[full - {a}][1:], axis).transpose(1, 2))
+            units = soft[p].shape[-1]
+            grads[p][1:] += torch.bmm(
+                _rows(outer, axis, units), _rows(images[full - {a}][1:], axis, units).transpose(1, 2)
+            )
     return value, grads
 
 

@@ -18,15 +18,18 @@ from fedmerge.models.spec import PermutationSpec
 def similarity_matrix(spec: PermutationSpec, perm: str, target: State, source: State, perms: Perms) -> torch.Tensor:
     """``S[i, j]``: similarity of target unit ``i`` and source unit ``j`` under permutation ``perm``.
 
-    Entries of the spec that ``target`` lacks (e.g. buffers, when matching parameters only) are skipped.
+    Entries of the spec that ``target`` lacks (e.g. buffers, when matching parameters only) are skipped. On a
+    :class:`~fedmerge.models.spec.Blocked` axis a unit's feature vector holds its whole block.
     """
     total = None
     for key, axis in spec.perm_to_axes[perm]:
         if key not in target:
             continue
-        t = target[key].detach().movedim(axis, 0).reshape(target[key].shape[axis], -1)
+        # A blocked axis (n * block entries) becomes n rows: each unit's block joins its feature vector.
+        n = spec.units(key, axis, target[key].shape[axis])
+        t = target[key].detach().movedim(axis, 0).reshape(n, -1)
         s = permute_tensor(spec, perms, key, source[key].detach(), skip_axis=axis)
-        s = s.movedim(axis, 0).reshape(s.shape[axis], -1)
+        s = s.movedim(axis, 0).reshape(n, -1)
         term = t.float() @ s.float().T
         total = term if total is None else total + term
     if total is None:

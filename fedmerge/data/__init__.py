@@ -3,6 +3,7 @@
 from fedmerge.data.datasets import (
     DATASET_NAMES,
     NORMALIZATION,
+    CorruptDatasetError,
     DatasetNotFoundError,
     cache_dir,
     canonical_name,
@@ -28,6 +29,7 @@ __all__ = [
     "DATASET_NAMES",
     "NORMALIZATION",
     "PARTITION_KINDS",
+    "CorruptDatasetError",
     "DatasetNotFoundError",
     "LabeledImages",
     "cache_dir",

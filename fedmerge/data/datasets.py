@@ -14,6 +14,10 @@ Where the files are looked for (see :func:`data_search_dirs`): the ``root`` argu
    ``~/.cache/fedmerge/torchvision``; written atomically, safe for parallel processes), then loaded from there.
 
 Decoded tensors are cached in-process; :func:`load_dataset` returns fresh copies, so callers may mutate them.
+
+A file that is there but cannot be read (a truncated or corrupt gzip, an IDX file shorter than its header says,
+CIFAR records of the wrong size, bad USPS lines) raises :class:`CorruptDatasetError` naming the file and what is
+wrong with it; a conversion that fails leaves nothing in the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +84,25 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__("\n".join(lines))
 
 
+class CorruptDatasetError(ValueError):
+    """A dataset file is there but cannot be read: truncated, corrupt, or not in the format its name says.
+
+    ``path`` is the file (or, for a converted copy in the cache, its folder) and ``problem`` what is wrong with it.
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str = "") -> None:
+        self.path = Path(path)
+        self.problem = problem
+        fix = fix or "replace it with a good copy (or delete it and pass download=True)"
+        super().__init__(f"corrupt dataset file {self.path}: {problem}; {fix}")
+
+
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+"""What reading a truncated or corrupt gzip stream raises."""
+_READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, AssertionError, IndexError, KeyError, pickle.PickleError)
+"""What torchvision's readers raise on truncated or malformed files (checked files only: not FileNotFoundError)."""
+
+
 # ----------------------------------------------------------------------------------------------------------- paths
 
 
@@ -119,9 +143,56 @@ def cache_dir() -> Path:
 
 
 def _gunzip(src: Path, dst: Path) -> None:
+    """Decompress ``src`` into ``dst``; CorruptDatasetError naming ``src`` when it is not a whole gzip file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, length=1 << 22)
+        while True:
+            try:
+                chunk = fin.read(1 << 22)
+            except _GZIP_ERRORS as err:
+                raise CorruptDatasetError(src, f"truncated or corrupt gzip data ({type(err).__name__}: {err})") from err
+            if not chunk:
+                break
+            fout.write(chunk)
+
+
+_IDX_ELEMENT_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def _idx_shape(path: Path, name: Path | None = None) -> tuple[int, ...]:
+    """The shape an IDX file (MNIST format) declares, checked against its size; CorruptDatasetError naming
+    ``name`` (default ``path``: e.g. the .gz the file was decompressed from) when the two disagree."""
+    name = name or path
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_ELEMENT_BYTES or not 1 <= head[3] <= 3:
+            raise CorruptDatasetError(name, f"not an IDX file (it starts with bytes {head.hex() or 'none'})")
+        dims_bytes = f.read(4 * head[3])
+    if len(dims_bytes) < 4 * head[3]:
+        raise CorruptDatasetError(name, f"its IDX header is cut short ({size} bytes in all)")
+    dims = tuple(int.from_bytes(dims_bytes[4 * i : 4 * i + 4], "big") for i in range(head[3]))
+    expected = 4 + 4 * len(dims) + int(np.prod(dims)) * _IDX_ELEMENT_BYTES[head[2]]
+    if size != expected:
+        raise CorruptDatasetError(
+            name, f"its IDX data has {size} bytes where its header (shape {dims}) needs {expected} (truncated?)"
+        )
+    return dims
+
+
+def _check_mnist_raw(raw_dir: Path, names: dict[str, Path] | None = None) -> None:
+    """Check the four MNIST-format files in ``raw_dir``: whole IDX files, as many labels as images per split.
+
+    ``names`` maps a raw file name to the file that errors should name (the shared ``.gz`` it came from).
+    """
+    names = names or {}
+    shapes = {raw: _idx_shape(raw_dir / raw, names.get(raw)) for raw in _MNIST_RAW}
+    for images, labels in (_MNIST_RAW[:2], _MNIST_RAW[2:]):
+        if len(shapes[images]) != 3 or len(shapes[labels]) != 1 or shapes[images][0] != shapes[labels][0]:
+            raise CorruptDatasetError(
+                names.get(labels, raw_dir / labels),
+                f"shape {shapes[labels]} does not fit the images' {shapes[images]} ({names.get(images, images)})",
+            )
 
 
 def _trim_zeros(value: str) -> str:
@@ -129,23 +200,51 @@ def _trim_zeros(value: str) -> str:
     return value.rstrip("0").rstrip(".") if "." in value else value
 
 
+def _usps_line(line: str) -> str:
+    """One ESL USPS line (label v1..v256) as a LIBSVM line ("" for a blank line); ValueError when malformed."""
+    tokens = line.split()
+    if not tokens:
+        return ""
+    if len(tokens) != 257:
+        raise ValueError(f"{len(tokens)} values where a label and 256 pixels are expected")
+    label = float(tokens[0])
+    if label not in range(10):
+        raise ValueError(f"label {tokens[0]!r} is not a digit 0..9")
+    if not np.isfinite(np.array(tokens[1:], dtype=np.float64)).all():  # ValueError for a word that is no number
+        raise ValueError("a pixel value is not finite")
+    pairs = " ".join(f"{i}:{_trim_zeros(v)}" for i, v in enumerate(tokens[1:], start=1))
+    return f"{int(label) + 1} {pairs}\n"
+
+
 def _usps_to_libsvm(src: Path, dst: Path) -> None:
     """ESL ``zip.*.gz`` text (label v1..v256) -> torchvision's LIBSVM bz2 (label+1 then index:value pairs)."""
     lines = []
-    with gzip.open(src, "rt") as f:
-        for line in f:
-            tokens = line.split()
-            if not tokens:
-                continue
-            pairs = " ".join(f"{i}:{_trim_zeros(v)}" for i, v in enumerate(tokens[1:], start=1))
-            lines.append(f"{int(float(tokens[0])) + 1} {pairs}\n")
+    try:
+        with gzip.open(src, "rt") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    lines.append(_usps_line(line))
+                except ValueError as err:
+                    raise CorruptDatasetError(src, f"line {number}: {err}") from err
+    except _GZIP_ERRORS as err:
+        raise CorruptDatasetError(src, f"truncated or corrupt gzip data ({type(err).__name__}: {err})") from err
+    except UnicodeDecodeError as err:
+        raise CorruptDatasetError(src, f"not a text file ({err})") from err
+    lines = [line for line in lines if line]
+    if not lines:
+        raise CorruptDatasetError(src, "no images in it")
     with bz2.open(dst, "wt", compresslevel=1) as f:
         f.writelines(lines)
 
 
 def _cifar_bin_to_pickle(src: Path, dst: Path) -> None:
     """CIFAR binary records (label byte + 3072 pixel bytes) -> a python-pickle batch like torchvision's."""
+    size = src.stat().st_size
+    if size == 0 or size % 3073:
+        raise CorruptDatasetError(src, f"{size} bytes is not a whole number of 3073-byte CIFAR records (truncated?)")
     records = np.fromfile(src, dtype=np.uint8).reshape(-1, 3073)
+    if int(records[:, 0].max()) > 9:
+        raise CorruptDatasetError(src, f"label byte {int(records[:, 0].max())} is not a class 0..9")
     batch = {"batch_label": src.name, "labels": records[:, 0].astype(int).tolist(), "data": records[:, 1:].copy()}
     with open(dst, "wb") as f:
         pickle.dump(batch, f)
@@ -200,8 +299,12 @@ def _mnist_like(name: str, cls_name: str, shared: str, renames: dict[str, str]) 
     def convert(src: Path, out: Path, train: bool) -> None:
         for raw, rel in shared_of.items():
             _gunzip(src / rel, out / cls_name / "raw" / raw)
+        _check_mnist_raw(out / cls_name / "raw", {raw: src / rel for raw, rel in shared_of.items()})
 
     def read(root: Path, train: bool, download: bool, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_dir = root / cls_name / "raw"
+        if all((raw_dir / raw).is_file() for raw in _MNIST_RAW):  # else torchvision downloads them
+            _check_mnist_raw(raw_dir)
         ds = _tv_class(cls_name)(str(root), train=train, download=download)
         return ds.data.unsqueeze(1), ds.targets.long()
 
@@ -318,10 +421,10 @@ def _read_source(
     """uint8 images (N x C x H x W) and int64 labels from the first directory holding either layout."""
     for d in dirs:
         if _has_all(d, source.tv_files(train)):
-            return source.read(d, train, download, False)
+            return _read_checked(source, d, train, download, False)
     for d in dirs:
         if _has_all(d, source.shared_files(train)):
-            return source.read(_converted_root(source, d, train, cache), train, False, True)
+            return _read_checked(source, _converted_root(source, d, train, cache), train, False, True)
     if download:
         dirs[0].mkdir(parents=True, exist_ok=True)
         return source.read(dirs[0], train, True, False)
@@ -329,6 +432,27 @@ def _read_source(
         d / rel for d in dirs for rel in source.tv_files(train) + source.shared_files(train) if not (d / rel).is_file()
     ]
     raise DatasetNotFoundError(source.name, train, list(dirs), missing)
+
+
+def _read_checked(
+    source: _Source, root: Path, train: bool, download: bool, cached: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``source.read`` of files that are all there; CorruptDatasetError naming them when they cannot be read."""
+    try:
+        x, y = source.read(root, train, download, cached)
+    except CorruptDatasetError:
+        raise
+    except _READ_ERRORS as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        files = ", ".join(source.tv_files(train))
+        fix = "delete this converted copy to convert it again" if cached else ""
+        raise CorruptDatasetError(
+            root, f"cannot read {source.name} from {files} ({type(err).__name__}: {err})", fix
+        ) from err
+    if len(x) != len(y):
+        raise CorruptDatasetError(root, f"{len(x)} {source.name} images but {len(y)} labels")
+    return x, y
 
 
 # ----------------------------------------------------------------------------------------------- tensor helpers

@@ -1,11 +1,14 @@
 """Splitting one dataset among clients (IID, Dirichlet label skew, disjoint labels) and domain splits.
 
 Every partitioner returns one sorted int64 index tensor per client, deterministic for a seed, with each index used at
-most once.
+most once. :func:`make_partition` (what a federation uses) also logs a warning when a client gets fewer than
+``min_size`` samples (fewer than one when ``min_size`` is 0): the Dirichlet split redraws until every client has
+``min_size``, but ``min_size=0`` allows empty clients, and the IID and disjoint splits do not look at ``min_size``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,8 @@ from fedmerge.data.images import LabeledImages
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 PARTITION_KINDS: tuple[str, ...] = ("iid", "dirichlet", "disjoint")
 
@@ -138,15 +143,34 @@ def make_partition(
     num_classes: int | None = None,
 ) -> list[torch.Tensor]:
     """Dispatch on ``kind``: ``"iid"``, ``"dirichlet"`` (uses ``alpha``, ``min_size``) or ``"disjoint"``
-    (uses ``num_classes``)."""
+    (uses ``num_classes``). Logs a warning naming the clients with fewer than ``max(min_size, 1)`` samples."""
     kind = kind.strip().lower()
     if kind == "iid":
-        return iid_partition(labels, n_clients, seed)
-    if kind == "dirichlet":
-        return dirichlet_partition(labels, n_clients, alpha, seed, min_size=min_size)
-    if kind == "disjoint":
-        return disjoint_label_partition(labels, n_clients, seed, num_classes=num_classes)
-    raise ValueError(f"unknown partition kind {kind!r}; valid kinds: {', '.join(PARTITION_KINDS)}")
+        parts = iid_partition(labels, n_clients, seed)
+    elif kind == "dirichlet":
+        parts = dirichlet_partition(labels, n_clients, alpha, seed, min_size=min_size)
+    elif kind == "disjoint":
+        parts = disjoint_label_partition(labels, n_clients, seed, num_classes=num_classes)
+    else:
+        raise ValueError(f"unknown partition kind {kind!r}; valid kinds: {', '.join(PARTITION_KINDS)}")
+    small = small_partitions(parts, max(min_size, 1))
+    if small:
+        log.warning(
+            "the %s split of %d samples over %d clients leaves %d client(s) with fewer than %d samples "
+            "(client: samples) %s: they train on almost nothing, and an empty client's updates are left out",
+            kind,
+            len(_as_labels(labels)),
+            n_clients,
+            len(small),
+            max(min_size, 1),
+            dict(small),
+        )
+    return parts
+
+
+def small_partitions(parts: Sequence[torch.Tensor], min_size: int) -> list[tuple[int, int]]:
+    """(client, number of samples) of each part of ``parts`` with fewer than ``min_size`` samples."""
+    return [(k, len(part)) for k, part in enumerate(parts) if len(part) < min_size]
 
 
 def domain_split(

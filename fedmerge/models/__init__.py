@@ -1,14 +1,17 @@
-"""Models with permutation specs: MLP, SmallCNN, VGG11, ResNet20, built by name with ``build_model``."""
+"""Models with permutation specs: MLP, SmallCNN, VGG11, ResNet20, built by name with ``build_model``; the spec of
+any traceable model with ``derive_permutation_spec``."""
 
 from fedmerge.models.cnn import SmallCNN
+from fedmerge.models.derive import derive_permutation_spec, same_up_to_renaming
 from fedmerge.models.mlp import MLP
 from fedmerge.models.protocol import PermutableModel, model_spec
 from fedmerge.models.registry import MODEL_NAMES, build_model, reinitialized_copy
 from fedmerge.models.resnet import ResNet20
-from fedmerge.models.spec import PermutationSpec
+from fedmerge.models.spec import Blocked, PermutationSpec
 from fedmerge.models.vgg import VGG11
 
 __all__ = [
+    "Blocked",
     "MLP",
     "MODEL_NAMES",
     "PermutableModel",
@@ -17,6 +20,8 @@ __all__ = [
     "SmallCNN",
     "VGG11",
     "build_model",
+    "derive_permutation_spec",
     "model_spec",
     "reinitialized_copy",
+    "same_up_to_renaming",
 ]

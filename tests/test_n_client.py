@@ -1,0 +1,178 @@
+"""The N-client pipeline: the ``universe`` schedule, ``merge_models``, post-merge distillation in the strategy,
+multi-round starts from the global model, the recipe baselines and the sweep variants."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fedmerge.align.permute import apply_permutation, random_perms
+from fedmerge.data.images import LabeledImages, concat
+from fedmerge.merge import MergeConfig, NPConfig, STEConfig
+from fedmerge.merge.distill import DistillConfig
+from fedmerge.merge.functional import load_state
+from fedmerge.merge.many import merge_models
+from fedmerge.merge.methods import MERGE_METHODS
+from fedmerge.models import MLP
+from simulations.config import settings_from_run_config
+from simulations.sweep import PlannedRun, SweepGrid, plan
+from strategies import PermutationMerge, SortedFedAvg
+from strategies.messages import read_reply
+from strategies.parallel import SequentialRunner
+from strategies.schedule import run_schedule
+from tests.test_strategies import NUM_CLASSES, nodes_of, reply, small_mlp
+
+N_MODEL_METHODS = [name for name, m in MERGE_METHODS.items() if m.merge_many is not None]
+
+
+def _fast(method: str, alignment: str = "merge-many") -> MergeConfig:
+    return MergeConfig(
+        method=method,  # type: ignore[arg-type]
+        alignment=alignment,  # type: ignore[arg-type]
+        ste=STEConfig(steps=3, batch_size=16),
+        np=NPConfig(steps=3, batch_size=16),
+    )
+
+
+@pytest.mark.parametrize("alignment", ["merge-many", "c2m3"])
+@pytest.mark.parametrize("method", [m for m in N_MODEL_METHODS if m != "average"])
+def test_merging_permuted_copies_of_one_model_at_once_gives_that_model(method, alignment):
+    model = MLP((1, 8, 8), width=16).eval()
+    spec, base = model.permutation_spec(), model.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    copies = [apply_permutation(spec, random_perms(spec, base, generator), base) for _ in range(4)]
+    data = LabeledImages(torch.randn(24, 1, 8, 8), torch.randint(0, 10, (24,)))
+    result = merge_models(model, copies, [1.0, 2.0, 3.0, 4.0], data, _fast(method, alignment))
+    x = torch.randn(8, 1, 8, 8)
+    torch.testing.assert_close(load_state(model, result.state)(x), model(x), atol=1e-5, rtol=1e-5)
+    assert result.method == method and len(result.perms) == 4
+
+
+def test_merge_models_checks_its_inputs_and_falls_back_without_data(caplog):
+    model = MLP((1, 8, 8), width=16)
+    states = [small_mlp(k).state_dict() for k in range(3)]
+    with pytest.raises(ValueError, match="no N-model form"):
+        merge_models(model, states, [1, 1, 1], None, MergeConfig(method="am"))
+    with pytest.raises(ValueError, match="one weight per model"):
+        merge_models(model, states, [1, 1], None, MergeConfig(method="wm"))
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_models(model, [], [], None, MergeConfig(method="wm"))
+    with caplog.at_level(logging.WARNING, logger="fedmerge"):
+        result = merge_models(model, states, [1, 1, 1], None, MergeConfig(method="ste"))
+    assert result.method == "wm" and any("falling back" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", N_MODEL_METHODS)
+def test_every_n_model_method_runs_the_universe_schedule_of_a_strategy(method):
+    strategy = PermutationMerge(small_mlp(0), _fast(method), schedule="universe", runner=SequentialRunner("cpu"))
+    arrays, metrics = strategy.aggregate_train(1, [reply(k, num_examples=20 + k) for k in range(3)])
+    merged = arrays.to_torch_state_dict()
+    assert merged.keys() == small_mlp(0).state_dict().keys()
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    assert [(s.method, s.members_a, s.members_b) for s in strategy.merge_steps] == [(method, (0,), (1, 2))]
+    assert metrics["clients-merged"] == 3
+    assert strategy.merge_only() is None  # nothing ran after the merge
+
+
+def test_universe_schedule_without_a_surrogate_is_data_free_and_weighted_by_counts(caplog):
+    replies = [reply(0, num_examples=10), reply(1, data=None, num_examples=30), reply(2, num_examples=60)]
+    with caplog.at_level(logging.WARNING, logger="strategies"):
+        merged, steps = run_schedule("universe", small_mlp(0), nodes_of(replies), _fast("ste"), SequentialRunner())
+    assert steps[0].method == "wm" and merged.surrogate is None and merged.without_surrogate == (1,)
+    assert merged.num_examples == 100 and steps[0].lam == pytest.approx(0.9)
+    assert any("client(s) [1] sent no surrogate" in r.message for r in caplog.records)
+
+
+def test_distillation_after_the_merge_moves_the_model_towards_the_ensemble():
+    # Confident, disagreeing clients (weights scaled up), so that the ensemble is far from their weight average.
+    states = [{k: 4 * v for k, v in small_mlp(seed).state_dict().items()} for seed in range(3)]
+    replies = [reply(k, state=states[k], num_examples=30) for k in range(3)]
+    recipe = DistillConfig(steps=150, lr=3e-3, batch_size=32, label_weight=0.0, mixup=0.0, shift=0)
+    strategy = PermutationMerge(
+        small_mlp(0), _fast("wm"), schedule="universe", runner=SequentialRunner("cpu"), distill=recipe
+    )
+    arrays, _ = strategy.aggregate_train(1, replies)
+    merge_only = strategy.merge_only()
+    assert merge_only is not None
+    distilled = load_state(small_mlp(0), arrays.to_torch_state_dict())
+    plain = load_state(small_mlp(0), merge_only)
+    from strategies.merge_strategy import client_ensemble
+
+    teacher = client_ensemble(small_mlp(0), strategy.client_updates)
+    data = concat([u.surrogate for u in strategy.client_updates if u.surrogate is not None])
+
+    def kl_to_teacher(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            log_p, log_q = teacher(data.x), torch.log_softmax(model.eval()(data.x), dim=1)
+            return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+
+    assert kl_to_teacher(distilled) < 0.5 * kl_to_teacher(plain)
+
+
+def test_clients_start_from_the_global_model_from_round_two_on():
+    one_shot = PermutationMerge(small_mlp(0), _fast("wm"))
+    assert [one_shot.starts_from_global(r) for r in (1, 2, 3)] == [False, True, True]
+    same_init = PermutationMerge(small_mlp(0), _fast("wm"), clients_start_from_global=True)
+    assert same_init.starts_from_global(1) and SortedFedAvg(NUM_CLASSES).starts_from_global(1)
+
+
+def test_upload_bytes_are_recorded_for_every_round():
+    strategy = PermutationMerge(small_mlp(0), _fast("average"), runner=SequentialRunner("cpu"))
+    replies = [reply(k) for k in range(2)]
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, replies)
+    sizes = [read_reply(r, NUM_CLASSES) for r in replies]
+    assert set(strategy.round_upload_bytes) == {1, 2}
+    assert all(sent >= 0 for sent in strategy.round_upload_bytes.values())
+    assert len(sizes) == 2
+
+
+def test_run_config_keys_of_the_n_client_pipeline():
+    settings = settings_from_run_config(
+        {"schedule": "universe", "alignment": "c2m3", "distill-steps": 300, "distill-mixup": 0.0}, 4
+    )
+    assert settings.merge_config().alignment == "c2m3"
+    recipe = settings.distill_config()
+    assert recipe is not None and recipe.steps == 300 and recipe.mixup == 0.0
+    assert settings_from_run_config({}, 4).distill_config() is None
+    assert settings_from_run_config({}, 4).recipe().steps == 2000
+    with pytest.raises(ValueError, match="alignment"):
+        settings_from_run_config({"alignment": "zipit"}, 4)
+
+
+def test_sweep_variants_name_the_schedule_and_the_distillation():
+    grid = SweepGrid(
+        datasets=("digits",),
+        splits=("iid",),
+        clients=(2,),
+        methods=("wm",),
+        schedules=("tree", "universe"),
+        distill_steps=(0, 500),
+        fedavg_rounds=0,
+        merge_rounds=2,
+    )
+    runs, _ = plan(grid)
+    assert [r.method for r in runs] == ["wm", "wm+kd500", "wm@universe", "wm@universe+kd500"]
+    assert all(r.config["num-rounds"] == 2 for r in runs)
+    assert len({r.key for r in runs}) == 4
+    tree = PlannedRun.make(runs[0].config | {"num-rounds": 1}, 2, "flower")
+    assert "schedule" not in dict(i for i in tree.items if i[0] == "x")  # keys stay the same for old rows
+    with pytest.raises(ValueError, match="--set cannot change"):
+        SweepGrid(overrides={"schedule": "universe"})
+
+
+def test_recipe_baselines_are_scored_when_the_run_distils(tmp_path):
+    from simulations.report import recipe_models
+    from strategies.merge_strategy import client_ensemble
+
+    replies = [reply(k, num_examples=30) for k in range(2)]
+    updates = [read_reply(r, NUM_CLASSES) for r in replies]
+    teacher = client_ensemble(small_mlp(0), updates)
+    settings = settings_from_run_config({"distill-steps": 20}, 2)
+    models = recipe_models(settings, small_mlp(0), updates, teacher)
+    assert set(models) == {"pooled-recipe", "distilled-fresh"}
+    assert recipe_models(settings_from_run_config({}, 2), small_mlp(0), updates, teacher) == {}
+    data = concat([u.surrogate for u in updates if u.surrogate is not None])
+    assert len(data) == 40
