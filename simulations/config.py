@@ -95,6 +95,8 @@ _KEYS: dict[str, _Key] = {
     "distill-shift": _Key(2, int, minimum=0),
     "distill-mixup": _Key(1.0, float, minimum=0),
     "distill-temperature": _Key(1.0, float, minimum=0, exclusive=True),
+    "distill-label-weight": _Key(1.0, float, minimum=0),
+    "distill-bank": _Key(0, int, minimum=0),
     "same-init": _Key(False, bool),
     "seed": _Key(0, int),
     "results-dir": _Key("results/runs", str),
@@ -137,6 +139,8 @@ class RunSettings:
     distill_shift: int = 2
     distill_mixup: float = 1.0
     distill_temperature: float = 1.0
+    distill_label_weight: float = 1.0
+    distill_bank: int = 0
     clients_start_from_global: bool = False
     seed: int = 0
     results_dir: str = "results/runs"
@@ -155,15 +159,18 @@ class RunSettings:
             return None
         return self.recipe()
 
-    def recipe(self) -> DistillConfig:
-        """The server-side training recipe (steps, learning rate, shifts, mixup, temperature) of the run config;
-        with ``distill-steps`` = 0 it uses 2000 steps (for the pooled-surrogates baseline only)."""
+    def recipe(self, teacher: bool = True) -> DistillConfig:
+        """The server-side training recipe (steps, learning rate, shifts, mixup, temperature, label weight, teacher
+        bank) of the run config; with ``distill-steps`` = 0 it uses 2000 steps. Without a ``teacher`` (the
+        pooled-surrogates baseline) the labels are all there is to learn from: their weight is 1."""
         return DistillConfig(
             steps=self.distill_steps or 2000,
             lr=self.distill_lr,
             shift=self.distill_shift,
             mixup=self.distill_mixup,
             temperature=self.distill_temperature,
+            label_weight=self.distill_label_weight if teacher else 1.0,
+            bank=self.distill_bank if teacher else 0,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -235,6 +242,8 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_shift=int(values["distill-shift"]),
         distill_mixup=float(values["distill-mixup"]),
         distill_temperature=float(values["distill-temperature"]),
+        distill_label_weight=float(values["distill-label-weight"]),
+        distill_bank=int(values["distill-bank"]),
         clients_start_from_global=bool(values["same-init"]),
         seed=int(values["seed"]),
         results_dir=str(values["results-dir"]),

@@ -90,7 +90,7 @@ def recipe_models(
     fresh = reinitialized_copy(template, derive_seed(settings.seed, "recipe-init"))
     seed = derive_seed(settings.seed, "recipe")
     return {
-        "pooled-recipe": distill(fresh, pooled, None, settings.recipe(), seed, device).model,
+        "pooled-recipe": distill(fresh, pooled, None, settings.recipe(teacher=False), seed, device).model,
         "distilled-fresh": distill(fresh, pooled, teacher, settings.recipe(), seed, device).model,
     }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -36,7 +37,10 @@ class DistillConfig:
     probabilities -- with mixup the teacher's targets on mixed images are already soft. ``shift`` is the
     largest random translation in pixels (0 disables), ``mixup`` the Beta(a, a) parameter (0 disables).
     ``kd_weight`` and ``label_weight`` weight the distillation and the label cross-entropy; without a
-    teacher only the label term is used. ``weight_decay`` is Adam's (coupled) L2 penalty.
+    teacher only the label term is used. ``weight_decay`` is Adam's (coupled) L2 penalty. ``bank`` > 0 runs the
+    teacher once on that many augmented, mixed images and trains the student on them (sampled in batches), instead
+    of running the teacher on every batch: the teacher's cost (N client models per image) falls by the ratio of
+    ``steps * batch_size`` to ``bank``.
     """
 
     steps: int = 2000
@@ -48,17 +52,18 @@ class DistillConfig:
     kd_weight: float = 1.0
     label_weight: float = 1.0
     weight_decay: float = 5e-4
+    bank: int = 0
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"DistillConfig.{name} must be positive, got {value!r}")
-        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay"):
+        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay", "bank"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"DistillConfig.{name} must be non-negative, got {value!r}")
-        for name in ("steps", "batch_size", "shift"):
+        for name in ("steps", "batch_size", "shift", "bank"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ValueError(f"DistillConfig.{name} must be an integer, got {value!r}")
@@ -147,35 +152,103 @@ def distill(
     if teacher is not None:
         teacher.to(device).eval()
 
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        targets = F.one_hot(y, data.num_classes).to(x.dtype)
-        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
-        logits = model(x)
+    def check_width(logits: torch.Tensor) -> None:
         if logits.shape[1] != data.num_classes:
             raise ValueError(f"student predicts {logits.shape[1]} classes but the data has {data.num_classes}")
+
+    def teacher_log_probs(x: torch.Tensor, width: int) -> torch.Tensor:
+        assert teacher is not None
+        with torch.no_grad():
+            out = teacher(x)
+        if out.shape[1] != width:
+            raise ValueError(f"teacher output {tuple(out.shape)} has not the student's {width} classes")
+        return F.log_softmax(out / t, dim=1)
+
+    def objective(logits: torch.Tensor, targets: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
         loss = logits.new_zeros(())
         if config.label_weight > 0:
             loss = loss + config.label_weight * soft_cross_entropy(logits, targets)
-        if teacher is not None and config.kd_weight > 0:
-            with torch.no_grad():
-                teacher_out = teacher(x)
-            if teacher_out.shape != logits.shape:
-                raise ValueError(f"teacher output {tuple(teacher_out.shape)} != student output {tuple(logits.shape)}")
-            log_p = F.log_softmax(teacher_out / t, dim=1)
+        if log_p is not None and config.kd_weight > 0:
             log_q = F.log_softmax(logits / t, dim=1)
             kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
             loss = loss + config.kd_weight * t * t * kl
         return loss
 
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        targets = F.one_hot(y, data.num_classes).to(x.dtype)
+        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
+        logits = model(x)
+        check_width(logits)
+        use_teacher = teacher is not None and config.kd_weight > 0
+        return objective(logits, targets, teacher_log_probs(x, logits.shape[1]) if use_teacher else None)
+
     try:
         name = "distill" if teacher is not None else "pooled surrogates"
-        losses = fit(
-            model.parameters(), loss_fn, data, config.train_config(), seed=seed, steps=config.steps, description=name
-        )
+        if config.bank and teacher is not None:
+            bank = teacher_bank(data, teacher_log_probs, generator, config)
+
+            def bank_loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                logits = model(x)
+                check_width(logits)
+                return objective(logits, bank.targets[index], bank.log_p[index])
+
+            losses = fit(
+                model.parameters(),
+                bank_loss,
+                bank.images,
+                config.train_config(),
+                seed=seed,
+                steps=config.steps,
+                description=name,
+            )
+        else:
+            losses = fit(
+                model.parameters(),
+                loss_fn,
+                data,
+                config.train_config(),
+                seed=seed,
+                steps=config.steps,
+                description=name,
+            )
     finally:
         if teacher is not None:
             teacher.train(teacher_was_training)
     return DistillResult(model.eval(), losses, time.perf_counter() - start)
+
+
+@dataclass
+class TeacherBank:
+    """Augmented, mixed images (labelled by their index, so batches can look their targets up), their mixed
+    one-hot label targets and the teacher's log-probabilities on them."""
+
+    images: LabeledImages
+    targets: torch.Tensor
+    log_p: torch.Tensor
+
+
+def teacher_bank(
+    data: LabeledImages,
+    teacher_log_probs: Callable[[torch.Tensor, int], torch.Tensor],
+    generator: torch.Generator,
+    config: DistillConfig,
+) -> TeacherBank:
+    """``config.bank`` images made from ``data`` as the per-batch recipe makes them (shifts, then mixup within a
+    batch), with the teacher's log-probabilities computed once."""
+    xs, ys, log_ps = [], [], []
+    made = 0
+    while made < config.bank:
+        index = torch.randint(0, len(data), (min(config.batch_size, config.bank - made),), generator=generator)
+        x, y = data.x[index], data.y[index.to(data.y.device)]
+        targets = F.one_hot(y, data.num_classes).to(x.dtype)
+        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
+        xs.append(x)
+        ys.append(targets)
+        log_ps.append(teacher_log_probs(x, data.num_classes))
+        made += len(x)
+    images = torch.cat(xs)
+    labels = torch.arange(len(images), device=images.device)
+    return TeacherBank(LabeledImages(images, labels, len(images), "teacher bank"), torch.cat(ys), torch.cat(log_ps))
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
