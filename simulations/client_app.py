@@ -54,7 +54,14 @@ def node_partition(node_config: Mapping[str, object]) -> tuple[int, int]:
     """``(partition id, number of partitions)`` from a node's config; ValueError when missing or inconsistent."""
     missing = [key for key in ("partition-id", "num-partitions") if key not in node_config]
     if missing:
-        raise ValueError(f"node config lacks {missing} (Flower's simulation engine sets both), got {dict(node_config)}")
+        raise ValueError(
+            f"node config lacks {missing}, got {dict(node_config)}. Every node needs both partition-id and "
+            "num-partitions. In a simulation, Flower sets them from the number of supernodes: run `flwr run .` on "
+            "a simulation federation (options.num-supernodes in the federation's config, or `flwr run . "
+            "--federation-config 'num-supernodes=2'`). In a deployment, start each SuperNode with them, e.g. "
+            '`flower-supernode --node-config "partition-id=0 num-partitions=2"` (partition-id 0, 1, ... '
+            "on each node)"
+        )
     partition_id, num_partitions = node_config["partition-id"], node_config["num-partitions"]
     if (
         not isinstance(partition_id, int)

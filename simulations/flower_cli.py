@@ -145,3 +145,30 @@ def flwr_run(
             stop_superlinks(flwr_home)
             return False
     return finished.returncode == 0
+
+
+def default_flwr_home() -> Path:
+    """The Flower home ``flwr`` uses: ``$FLWR_HOME``, else ``~/.flwr``."""
+    return Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")).expanduser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.flower_cli stop [--flwr-home DIR]``: stop the local SuperLinks of one Flower home by
+    process id (with their simulations and Ray workers), and no other user's or project's."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m simulations.flower_cli", description=main.__doc__)
+    parser.add_argument("command", choices=["stop", "list"])
+    parser.add_argument("--flwr-home", type=Path, default=default_flwr_home(), help="default: $FLWR_HOME or ~/.flwr")
+    args = parser.parse_args(argv)
+    pids = superlink_pids(args.flwr_home)
+    if args.command == "list" or not pids:
+        print(f"SuperLinks of {args.flwr_home}: {pids or 'none'}")
+        return 0
+    stop_superlinks(args.flwr_home)
+    print(f"stopped SuperLink process(es) {pids} of {args.flwr_home}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

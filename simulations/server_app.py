@@ -23,22 +23,22 @@ from fedmerge.models import build_model, reinitialized_copy
 from fedmerge.train import evaluate
 from simulations.config import DEFAULT_RUN_CONFIG, RunSettings, settings_from_run_config
 from simulations.report import RunOutcome, finish_run
-from strategies import PermutationMerge, SortedFedAvg, make_runner
+from strategies import PermutationMerge, SortedFedAvg, make_runner, send_logs_to_flower
+from strategies.fedavg import LIBRARY_LOGGERS
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 
 
 def show_library_logs() -> None:
-    """Send fedmerge's and the strategies' INFO logs through Flower's log handlers (they show in ``--stream``)."""
-    handlers = logging.getLogger("flwr").handlers
-    for name in ("fedmerge", "strategies", "simulations"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        for handler in handlers:
-            if handler not in logger.handlers:
-                logger.addHandler(handler)
-        logger.propagate = False
+    """Send fedmerge's and the strategies' INFO logs through Flower's log handlers (they show in ``--stream``).
+
+    Importing :mod:`strategies` already does it (:func:`strategies.send_logs_to_flower`); this also sets the
+    library loggers to INFO when a level was set before.
+    """
+    send_logs_to_flower()
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def connected_clients(grid: Grid, timeout: float = 120.0) -> int:

@@ -1,11 +1,17 @@
 """Flower Message-API strategies: permutation-aligned merging of client models (WM, STE, NP Merge) and a FedAvg
-baseline, importable into any ServerApp."""
+baseline, importable into any ServerApp, and :func:`merge_reply` for any ClientApp to answer them.
 
-from strategies.fedavg import SortedFedAvg
+Importing this package routes the library's logs into Flower's log output (:func:`send_logs_to_flower`).
+"""
+
+from strategies.client_helper import merge_reply
+from strategies.fedavg import SortedFedAvg, send_logs_to_flower
 from strategies.merge_strategy import PermutationMerge
-from strategies.messages import ClientUpdate, InvalidReply, client_reply, read_reply
+from strategies.messages import ClientUpdate, InvalidReply, client_reply, read_reply, reply_keys
 from strategies.parallel import RayRunner, SequentialRunner, make_runner
 from strategies.schedule import SCHEDULES, MergeNode, MergeStep, run_schedule
+
+send_logs_to_flower()
 
 __all__ = [
     "SCHEDULES",
@@ -19,6 +25,9 @@ __all__ = [
     "SortedFedAvg",
     "client_reply",
     "make_runner",
+    "merge_reply",
     "read_reply",
+    "reply_keys",
     "run_schedule",
+    "send_logs_to_flower",
 ]

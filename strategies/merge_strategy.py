@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from fedmerge.device import default_device, derive_seed
@@ -11,11 +12,11 @@ from fedmerge.merge import Ensemble, fine_tune
 from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
-from fedmerge.models.protocol import model_spec
+from fedmerge.models.protocol import derived_spec, has_activation_points, model_spec
 from fedmerge.surrogate.build import last_linear
 from fedmerge.train import TrainConfig
-from strategies.fedavg import SortedFedAvg, State
-from strategies.messages import ClientUpdate
+from strategies.fedavg import MetricsAggregation, SortedFedAvg, State
+from strategies.messages import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, ClientUpdate
 from strategies.parallel import RayRunner, SequentialRunner
 from strategies.schedule import (
     SCHEDULES,
@@ -32,21 +33,77 @@ log = logging.getLogger(__name__)
 class PermutationMerge(SortedFedAvg):
     """Collect weights (and surrogate data) from the clients, then merge them into one model.
 
+    A drop-in for Flower's ``FedAvg``: it takes the same arguments, with the same names and defaults, after its own.
     Replies are read, checked and sorted by partition id as in :class:`SortedFedAvg`: a failed client, mismatched
     shapes, NaN/Inf weights or an unusable surrogate leave that client out (logged with the reason), and a client
-    without surrogate is merged by data-free weight matching. The surviving models are merged by ``merge`` (a
-    :class:`fedmerge.merge.MergeConfig`, STE by default) along ``schedule`` ("tree" or "all-to-one"), the pairwise
-    merges of a tree level running on ``runner`` (default: in this process).
+    without surrogate is merged by data-free weight matching. The surviving models are merged by ``merge`` (STE by
+    default) along ``schedule``, the pairwise merges of a tree level running on ``runner``. A round in which no
+    reply is usable (or merging fails) keeps the global weights. Clients build their replies with
+    :func:`strategies.client_helper.merge_reply` (or :func:`strategies.messages.client_reply`).
 
-    ``model`` is an architecture template (any model with ``permutation_spec()``). ``clients_start_from_global``
-    tells clients whether to train from the sent weights (usual FL) or from their own initialisation (one-shot
-    merging of independently trained models). Federated evaluation is off by default (``fraction_evaluate=0``):
-    evaluate the merged model on the server with ``evaluate_fn``. With ``finetune`` (a
-    :class:`fedmerge.train.TrainConfig`), the merged model is then trained further on the union of the surrogates.
-    With ``distill`` (a :class:`fedmerge.merge.distill.DistillConfig`), the clients' ensemble (weighted by sample
-    counts) is distilled into the merged model on augmented, mixed-up surrogate images (after any fine-tuning).
     After a round, ``merge_steps`` lists the pairwise merges and ``merge_only_state`` holds the merged weights
     before fine-tuning or distillation, besides what :class:`SortedFedAvg` records.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture template: a :class:`fedmerge.models.PermutableModel` (with ``permutation_spec()``), or any
+        ``torch.fx``-traceable model, whose permutation spec is derived by tracing it on an example batch:
+        ``example_input``, else zeros of ``image_shape``, else (at the first merge, with a log line) the first
+        client surrogate's images.
+    merge : MergeConfig | None (default: None)
+        The merge method, correction and settings (:class:`fedmerge.merge.MergeConfig`; None: STE). Activation
+        matching (``"am"``) and REPAIR need ``activation_points()``, which derived specs lack: they are refused
+        for models without them.
+    schedule : str (default: "tree")
+        "tree", "all-to-one" or "universe" (see :mod:`strategies.schedule`).
+    runner : MergeRunner | None (default: None)
+        Where a tree level's pairwise merges run (None: one after the other in this process).
+    want_surrogate : bool (default: True)
+        Ask clients for a surrogate (the data-based methods need one).
+    clients_start_from_global : bool (default: False)
+        Whether clients train round 1 from the sent weights (usual FL) or from their own initialisation (one-shot
+        merging of independently trained models).
+    num_classes : int | None (default: None)
+        The number of classes; None: the output size of the model's last ``nn.Linear``.
+    finetune : TrainConfig | None (default: None)
+        Train the merged model further on the union of the surrogates.
+    distill : DistillConfig | None (default: None)
+        Distil the clients' ensemble (weighted by sample counts) into the merged model on augmented, mixed-up
+        surrogate images (after any fine-tuning).
+    image_shape : tuple[int, int, int] | None (default: None)
+        The model's input (C, H, W): surrogates of another shape are refused.
+    num_partitions : int | None (default: None)
+        The federation's size: partition ids outside ``0..num_partitions-1`` are refused.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes used during training. In case `min_train_nodes` is larger than
+        `fraction_train * total_connected_nodes`, `min_train_nodes` will still be sampled.
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes used during validation (federated evaluation, Flower's default). Set it to 0.0 when the
+        ClientApp has no ``evaluate`` function (evaluate the merged model on the server with ``evaluate_fn``).
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes used during training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes used during validation.
+    min_available_nodes : int (default: 2)
+        Minimum number of total nodes in the system.
+    weighted_by_key : str (default: "num-examples")
+        The key within each reply's MetricRecord whose value is the client's sample count (its merge weight).
+    arrayrecord_key : str (default: "arrays")
+        The key of the weights' ArrayRecord in sent messages and in replies (a reply with a single weights
+        ArrayRecord besides its surrogate is read whatever its key).
+    configrecord_key : str (default: "config")
+        Key used to store the ConfigRecord when constructing Messages.
+    train_metrics_aggr_fn : Optional[callable] (default: None)
+        Function with signature (list[RecordDict], str) -> MetricRecord, used to aggregate the metrics of the
+        training replies (one RecordDict per merged client, see :class:`SortedFedAvg`). If `None`, defaults to
+        Flower's `aggregate_metricrecords`, a weighted average.
+    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
+        Function with signature (list[RecordDict], str) -> MetricRecord, used to aggregate the MetricRecords of
+        evaluation replies. If `None`, defaults to Flower's `aggregate_metricrecords`.
+    example_input : torch.Tensor | None (default: None)
+        A batch of model inputs (e.g. ``torch.zeros(2, 3, 32, 32)``) to derive the permutation spec of a model
+        without ``permutation_spec()`` from, at construction.
     """
 
     def __init__(
@@ -63,14 +120,26 @@ class PermutationMerge(SortedFedAvg):
         image_shape: tuple[int, int, int] | None = None,
         num_partitions: int | None = None,
         fraction_train: float = 1.0,
-        fraction_evaluate: float = 0.0,
+        fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        weighted_by_key: str = NUM_EXAMPLES,
+        arrayrecord_key: str = ARRAYS_KEY,
+        configrecord_key: str = CONFIG_KEY,
+        train_metrics_aggr_fn: MetricsAggregation | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
+        example_input: torch.Tensor | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
-        model_spec(model)  # TypeError unless the model is a PermutableModel
+        merge = merge if merge is not None else MergeConfig()
+        if not has_activation_points(model):
+            refuse_without_activation_points(model, merge)
+            if example_input is None and image_shape is not None:
+                example_input = torch.zeros(2, *image_shape)
+        if example_input is not None:
+            model_spec(model, example_input)  # derived now (once), so that an untraceable model fails here
         if num_classes is None:
             head = last_linear(model)
             if head is None:
@@ -85,9 +154,14 @@ class PermutationMerge(SortedFedAvg):
             min_available_nodes=min_available_nodes,
             image_shape=image_shape,
             num_partitions=num_partitions,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
         self.model = model
-        self.merge = merge if merge is not None else MergeConfig()
+        self.merge = merge
         self.schedule = schedule
         self.runner: MergeRunner = runner if runner is not None else SequentialRunner()
         self.want_surrogate = want_surrogate
@@ -115,14 +189,54 @@ class PermutationMerge(SortedFedAvg):
             runner,
         )
 
+    def prepare_spec(self, updates: list[ClientUpdate]) -> None:
+        """Make sure the model's permutation spec is known before merging: a model without ``permutation_spec()``
+        and no spec derived yet gets one derived from the first client surrogate's images (logged).
+
+        Parameters
+        ----------
+        updates : list[ClientUpdate]
+            The usable updates, in partition-id order.
+
+        Raises
+        ------
+        ValueError
+            When there is nothing to derive the spec from (no ``example_input``, no ``image_shape``, no surrogate).
+        """
+        if has_activation_points(self.model) or derived_spec(self.model) is not None:
+            return
+        with_data = next((u for u in updates if u.surrogate is not None and len(u.surrogate) > 0), None)
+        if with_data is None or with_data.surrogate is None:
+            raise ValueError(
+                f"cannot derive the permutation spec of {type(self.model).__name__} (it has no permutation_spec()): "
+                "no client sent a surrogate to trace it on. Pass example_input=<a batch of model inputs, e.g. "
+                "torch.zeros(2, 3, 32, 32)> or image_shape=(C, H, W) to PermutationMerge"
+            )
+        log.info(
+            "deriving the permutation spec of %s by tracing it on %s's surrogate images %s "
+            "(pass example_input to PermutationMerge to do it at construction)",
+            type(self.model).__name__,
+            with_data.name,
+            tuple(with_data.surrogate.image_shape),
+        )
+        spec = model_spec(self.model, with_data.surrogate.x[:2])
+        log.info("permutation spec of %s: %d permutations", type(self.model).__name__, len(spec.perm_names))
+
     def combine(self, updates: list[ClientUpdate]) -> State:
         """Merge the usable updates (sorted by partition id) along the schedule."""
+        self.prepare_spec(updates)
         for update in updates:
             if update.surrogate is None and self.want_surrogate:
                 log.warning("%s sent no surrogate: it is merged by data-free weight matching", update.name)
         merged, self.merge_steps = run_schedule(
             self.schedule, self.model, [MergeNode.from_update(u) for u in updates], self.merge, self.runner
         )
+        if self.merge_steps:
+            log.info(
+                "merged clients %s by %s",
+                list(merged.members),
+                ", ".join(sorted({step.method for step in self.merge_steps})),
+            )
         self.merge_only_state = merged.state
         if self.finetune is None and self.distill is None:
             return merged.state
@@ -162,6 +276,30 @@ class PermutationMerge(SortedFedAvg):
                 device=default_device(),
             ).model
         return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+def refuse_without_activation_points(model: nn.Module, merge: MergeConfig) -> None:
+    """Raise ``ValueError`` when ``merge`` needs ``activation_points()`` (activation matching, REPAIR), which
+    ``model`` does not declare (as is the case with every derived permutation spec).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture template.
+    merge : MergeConfig
+        The merge settings.
+    """
+    needs = []
+    if merge.method == "am":
+        needs.append("merge method 'am' (activation matching)")
+    if merge.correction == "repair":
+        needs.append("correction 'repair'")
+    if needs:
+        raise ValueError(
+            f"{' and '.join(needs)} need activation_points(), which {type(model).__name__} does not declare "
+            "(a derived permutation spec has none): use method 'wm', 'ste', 'np' or 'ste+np' and correction "
+            "'auto', 'none' or 'bn-reset', or give the model permutation_spec() and activation_points()"
+        )
 
 
 def client_ensemble(template: nn.Module, updates: list[ClientUpdate]) -> Ensemble:

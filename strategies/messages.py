@@ -8,7 +8,10 @@ A client's reply to a ``train`` message carries:
   else the client wants to report (training accuracy, wall times, ...).
 
 Plain Flower clients that send only weights and ``num-examples`` are read too: they have no surrogate, and
-their partition id falls back to the node id.
+their partition id falls back to the node id. The weights' record key and the sample count's metric key can be
+changed (a strategy's ``arrayrecord_key`` and ``weighted_by_key``): pass them to :func:`read_reply`, or read inside
+``with reply_keys(...)``. A reply with a single weights ArrayRecord is read whatever its key (as Flower's FedAvg
+does).
 
 :func:`read_reply` checks what can be checked without the server's model, and raises :class:`InvalidReply` (naming
 the client) for anything else than this: ``num-examples`` a whole number in 1..2**53 and ``partition-id`` a whole
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +56,42 @@ MAX_NUM_EXAMPLES = 2**53
 """Largest ``num-examples`` accepted: every count up to it is exact as a float (the weights of an average)."""
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyKeys:
+    """Where a reply keeps its weights (ArrayRecord key) and its sample count (MetricRecord key)."""
+
+    arrays: str = ARRAYS_KEY
+    num_examples: str = NUM_EXAMPLES
+
+
+_REPLY_KEYS: ContextVar[ReplyKeys | None] = ContextVar("fedmerge_reply_keys", default=None)
+
+
+@contextmanager
+def reply_keys(arrays: str = ARRAYS_KEY, num_examples: str = NUM_EXAMPLES) -> Iterator[ReplyKeys]:
+    """Within the block, :func:`read_reply` (and so :func:`strategies.validation.accept_replies`) reads the weights
+    under ``arrays`` and the sample count under ``num_examples`` unless told otherwise.
+
+    Parameters
+    ----------
+    arrays : str (default: "arrays")
+        The key of the weights' ArrayRecord (a strategy's ``arrayrecord_key``).
+    num_examples : str (default: "num-examples")
+        The MetricRecord key of the sample count (a strategy's ``weighted_by_key``).
+
+    Returns
+    -------
+    Iterator[ReplyKeys]
+        A context manager yielding the keys in force.
+    """
+    keys = ReplyKeys(arrays, num_examples)
+    token = _REPLY_KEYS.set(keys)
+    try:
+        yield keys
+    finally:
+        _REPLY_KEYS.reset(token)
 
 
 class InvalidReply(ValueError):
@@ -147,17 +188,46 @@ def client_reply(
     message: Message,
     state: Mapping[str, torch.Tensor],
     num_examples: int,
-    partition_id: int,
+    partition_id: int | None,
     surrogate: LabeledImages | None = None,
     metrics: Mapping[str, MetricValue] | None = None,
+    *,
+    arrays_key: str = ARRAYS_KEY,
+    num_examples_key: str = NUM_EXAMPLES,
 ) -> Message:
-    """The reply a client sends to a ``train`` message: weights, optional surrogate, counts and metrics."""
-    content = RecordDict({ARRAYS_KEY: ArrayRecord({k: v.detach().cpu() for k, v in state.items()})})
+    """The reply a client sends to a ``train`` message: weights, optional surrogate, counts and metrics.
+
+    Parameters
+    ----------
+    message : Message
+        The server's ``train`` message being answered.
+    state : Mapping[str, torch.Tensor]
+        The trained model's ``state_dict`` (copied to the CPU).
+    num_examples : int
+        The number of training examples (the client's weight in the merge).
+    partition_id : int | None
+        The client's partition id (the order of the merge); None leaves it out, and the server uses the node id.
+    surrogate : LabeledImages | None (default: None)
+        The client's surrogate data, sent as the ``"surrogate"`` ArrayRecord.
+    metrics : Mapping[str, MetricValue] | None (default: None)
+        Anything else to report (accuracy, wall times, ...).
+    arrays_key : str (default: "arrays")
+        The weights' ArrayRecord key (the strategy's ``arrayrecord_key``).
+    num_examples_key : str (default: "num-examples")
+        The MetricRecord key of ``num_examples`` (the strategy's ``weighted_by_key``).
+
+    Returns
+    -------
+    Message
+        The reply.
+    """
+    content = RecordDict({arrays_key: ArrayRecord({k: v.detach().cpu() for k, v in state.items()})})
     if surrogate is not None:
         content[SURROGATE_KEY] = surrogate_record(surrogate)
     metric_record = MetricRecord(dict(metrics or {}))
-    metric_record[NUM_EXAMPLES] = int(num_examples)
-    metric_record[PARTITION_ID] = int(partition_id)
+    metric_record[num_examples_key] = int(num_examples)
+    if partition_id is not None:
+        metric_record[PARTITION_ID] = int(partition_id)
     content[METRICS_KEY] = metric_record
     return Message(content=content, reply_to=message)
 
@@ -171,20 +241,58 @@ def _only_metric_record(content: RecordDict) -> MetricRecord:
     raise InvalidReply(f"expected a MetricRecord named {METRICS_KEY!r}, got {sorted(records.keys()) or 'none'}")
 
 
-def _weights_record(content: RecordDict) -> ArrayRecord:
+def _weights_record(content: RecordDict, arrays_key: str) -> ArrayRecord:
     records = {k: v for k, v in content.array_records.items() if k != SURROGATE_KEY}
-    if ARRAYS_KEY in records:
-        return records[ARRAYS_KEY]
+    if arrays_key in records:
+        return records[arrays_key]
     if len(records) == 1:
         return next(iter(records.values()))
-    raise InvalidReply(f"expected one weights ArrayRecord named {ARRAYS_KEY!r}, got {sorted(records) or 'none'}")
+    raise InvalidReply(f"expected one weights ArrayRecord named {arrays_key!r}, got {sorted(records) or 'none'}")
 
 
-def read_reply(message: Message, num_classes: int) -> ClientUpdate:
+def server_config(message: Message, config_key: str = CONFIG_KEY) -> ConfigRecord:
+    """The ConfigRecord of a server's message: the one under ``config_key``, else its only one, else an empty one."""
+    if not message.has_content():
+        return ConfigRecord()
+    records = message.content.config_records
+    if config_key in records:
+        return records[config_key]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    return ConfigRecord()
+
+
+def read_reply(
+    message: Message,
+    num_classes: int,
+    *,
+    arrays_key: str | None = None,
+    num_examples_key: str | None = None,
+) -> ClientUpdate:
     """Read a client's ``train`` reply; raises InvalidReply (with the reason) for an error reply or bad content.
 
     See the module docstring for what is checked here.
+
+    Parameters
+    ----------
+    message : Message
+        The reply.
+    num_classes : int
+        The number of classes (surrogate labels must lie below it).
+    arrays_key : str | None (default: None)
+        The weights' ArrayRecord key; None: the one set by :func:`reply_keys` ("arrays" outside it). A reply with
+        a single weights ArrayRecord is read whatever its key.
+    num_examples_key : str | None (default: None)
+        The MetricRecord key of the sample count; None: the one set by :func:`reply_keys` ("num-examples").
+
+    Returns
+    -------
+    ClientUpdate
+        The client's weights, sample count, partition id, surrogate and other (finite) metrics.
     """
+    keys = _REPLY_KEYS.get() or ReplyKeys()
+    arrays_key = arrays_key if arrays_key is not None else keys.arrays
+    num_examples_key = num_examples_key if num_examples_key is not None else keys.num_examples
     node_id = message.metadata.src_node_id
     if message.has_error():
         raise InvalidReply(f"node {node_id} failed: {message.error.reason}")
@@ -192,9 +300,9 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
         raise InvalidReply(f"node {node_id} sent an empty reply")
     content = message.content
     metrics = _only_metric_record(content)
-    if NUM_EXAMPLES not in metrics:
-        raise InvalidReply(f"node {node_id} did not report {NUM_EXAMPLES!r}")
-    num_examples = _whole_number(metrics[NUM_EXAMPLES], NUM_EXAMPLES, node_id)
+    if num_examples_key not in metrics:
+        raise InvalidReply(f"node {node_id} did not report {num_examples_key!r}")
+    num_examples = _whole_number(metrics[num_examples_key], num_examples_key, node_id)
     if not 0 < num_examples <= MAX_NUM_EXAMPLES:
         raise InvalidReply(f"node {node_id} reported {num_examples} training examples")
     partition_id = _whole_number(metrics.get(PARTITION_ID, node_id), PARTITION_ID, node_id)
@@ -202,7 +310,7 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
         raise InvalidReply(f"node {node_id} reported a negative {PARTITION_ID!r}: {partition_id}")
     who = f"client {partition_id} (node {node_id})"
     try:
-        weights = _weights_record(content)
+        weights = _weights_record(content, arrays_key)
         state = {k: _weight_tensor(weights, k) for k in weights}
         surrogate = None
         if SURROGATE_KEY in content.array_records:
@@ -213,7 +321,7 @@ def read_reply(message: Message, num_classes: int) -> ClientUpdate:
         raise InvalidReply(str(err), who) from err
     extra = {}
     for key, value in metrics.items():
-        if key in (NUM_EXAMPLES, PARTITION_ID):
+        if key in (num_examples_key, PARTITION_ID):
             continue
         if _finite_metric(value):
             extra[key] = value
@@ -227,10 +335,13 @@ def _finite_metric(value: object) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
-def mean_metrics(updates: list[ClientUpdate]) -> MetricRecord:
-    """Example-weighted means of the clients' scalar metrics, plus their total ``num-examples``."""
+def mean_metrics(updates: list[ClientUpdate], num_examples_key: str = NUM_EXAMPLES) -> MetricRecord:
+    """Example-weighted means of the clients' scalar metrics, plus their total sample count (``num_examples_key``).
+
+    Each mean is over the clients that report the metric.
+    """
     total = sum(u.num_examples for u in updates)
-    record = MetricRecord({NUM_EXAMPLES: total})
+    record = MetricRecord({num_examples_key: total})
     names = sorted({k for u in updates for k, v in u.metrics.items() if isinstance(v, (int, float))})
     for name in names:
         values = [(u.num_examples, u.metrics.get(name)) for u in updates]

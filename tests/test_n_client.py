@@ -176,3 +176,57 @@ def test_recipe_baselines_are_scored_when_the_run_distils(tmp_path):
     assert recipe_models(settings_from_run_config({}, 2), small_mlp(0), updates, teacher) == {}
     data = concat([u.surrogate for u in updates if u.surrogate is not None])
     assert len(data) == 40
+
+
+def _distilled_row(n: int, merged: float, fresh: float, pooled: float, ensemble: float, fedavg: float) -> dict:
+    return {
+        "cfg_dataset": "mnist",
+        "cfg_split": "dirichlet",
+        "cfg_alpha": 0.5,
+        "cfg_per-class": 1,
+        "cfg_seed": 0,
+        "cfg_model": "mlp",
+        "cfg_epochs": 2,
+        "cfg_distill-steps": 100,
+        "sweep-method": "wm@universe+kd100",
+        "num-clients": n,
+        "acc_merged_global": merged,
+        "acc_merge-only_global": 50.0,
+        "acc_distilled-fresh_global": fresh,
+        "acc_pooled-recipe_global": pooled,
+        "acc_surrogate-trained_global": pooled - 5,
+        "acc_ensemble_global": ensemble,
+        "acc_fedavg1_global": fedavg,
+        "acc_fedavgR_global": fedavg + 5,
+        "merge-seconds": 10.0,
+        "server-peak-rss-mb": 900.0,
+    }
+
+
+def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
+    from simulations import n_client_report
+    from simulations.results_io import save_rows
+
+    rows = [
+        _distilled_row(8, merged=93.0, fresh=92.0, pooled=70.0, ensemble=92.5, fedavg=70.0),  # all three met
+        _distilled_row(16, merged=90.0, fresh=91.0, pooled=70.0, ensemble=92.0, fedavg=70.0),  # short of the ensemble
+        _distilled_row(32, merged=96.0, fresh=95.0, pooled=95.5, ensemble=90.0, fedavg=60.0),  # needs pooled + 1
+    ]
+    save_rows(tmp_path / "runs.csv", rows + [{**rows[0], "cfg_distill-steps": 0}])  # the last one is not distilled
+    runs = n_client_report.load_distilled_runs(tmp_path / "runs.csv")
+    assert len(runs) == 3 and set(runs["setting"]) == {"mnist dirichlet(0.5), 1/class"}
+    goals = n_client_report.goal_columns(runs.set_index("num-clients"))
+    assert goals["goal met"].tolist() == ["yes", "no", "no"]
+    assert goals.loc[8, "needed vs pooled"] == pytest.approx(70 + 0.75 * 22.5)
+    assert goals.loc[16, "short by"] == pytest.approx(2.0)
+    assert goals.loc[32, "needed vs pooled"] == pytest.approx(96.5) and goals.loc[32, "short by"] == pytest.approx(0.5)
+    assert goals["merge helps (vs fresh)"].tolist() == [1.0, -1.0, 1.0]
+    figure, page = n_client_report.write_report(tmp_path / "runs.csv")
+    assert figure.exists() and "## mnist dirichlet(0.5), 1/class" in page.read_text()
+
+
+def test_flower_cli_stops_nothing_of_an_unused_flower_home(tmp_path, capsys):
+    from simulations.flower_cli import main
+
+    assert main(["stop", "--flwr-home", str(tmp_path)]) == 0
+    assert "none" in capsys.readouterr().out

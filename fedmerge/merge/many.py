@@ -42,6 +42,7 @@ def merge_models(
     surrogate: LabeledImages | None = None,
     config: MergeConfig = MergeConfig(),
     device: torch.device | str = "cpu",
+    example_input: torch.Tensor | None = None,
 ) -> ManyResult:
     """Merge N models (weighted by ``weights``, e.g. their sample counts) into one, all at once.
 
@@ -50,13 +51,39 @@ def merge_models(
     with a log line, when ``surrogate`` (the union of the clients' surrogates) is missing or empty. Post-merge
     correction: a BatchNorm reset on the surrogate (``auto`` on a model with BatchNorm, or ``bn-reset``); REPAIR
     is pairwise only and is replaced by a BatchNorm reset here.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture: a :class:`fedmerge.models.PermutableModel`, or any ``torch.fx``-traceable model whose
+        permutation spec is derived (once per model object) from an example batch (see
+        :func:`fedmerge.models.protocol.model_spec`).
+    states : Sequence[dict[str, torch.Tensor]]
+        The clients' state dicts.
+    weights : Sequence[float]
+        One weight per client (e.g. its sample count).
+    surrogate : LabeledImages | None (default: None)
+        The union of the clients' surrogates, for the methods that need data; its first two images also serve as
+        the example batch a spec is derived from.
+    config : MergeConfig (default: MergeConfig())
+        Which method, alignment and correction to run, with their settings.
+    device : torch.device | str (default: "cpu")
+        Where to merge.
+    example_input : torch.Tensor | None (default: None)
+        A batch of model inputs to derive the spec from when there is no surrogate (and the model has no
+        ``permutation_spec()`` nor a spec derived before).
+
+    Returns
+    -------
+    ManyResult
+        The merged weights, each client's permutation into them, the method that ran and its wall times.
     """
     start = time.perf_counter()
     if not states:
         raise ValueError("nothing to merge: no client models")
     if len(weights) != len(states):
         raise ValueError(f"need one weight per model: {len(weights)} weights for {len(states)} models")
-    spec = model_spec(model)
+    spec = model_spec(model, surrogate.x[:2] if surrogate is not None and len(surrogate) else example_input)
     for state in states[1:]:
         check_compatible(spec, states[0], state)
     method = get_method(config.method)

@@ -73,14 +73,41 @@ def merge_pair(
     lam: float = 0.5,
     config: MergeConfig = MergeConfig(),
     device: torch.device | str = "cpu",
+    example_input: torch.Tensor | None = None,
 ) -> MergeResult:
     """Merge model B into model A (``lam`` is B's weight). ``model`` is an architecture template.
 
     Methods that need data fall back to data-free weight matching, with a log line, when the
     surrogate is missing or empty.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The architecture: a :class:`fedmerge.models.PermutableModel`, or any ``torch.fx``-traceable model whose
+        permutation spec is derived (once per model object) from an example batch (see
+        :func:`fedmerge.models.protocol.model_spec`).
+    state_a, state_b : dict[str, torch.Tensor]
+        The two models' state dicts.
+    surrogate : LabeledImages | None (default: None)
+        Data for the methods and corrections that need it; its first two images also serve as the example
+        batch a spec is derived from.
+    lam : float (default: 0.5)
+        B's weight in the interpolation.
+    config : MergeConfig (default: MergeConfig())
+        Which method and correction to run, with their settings.
+    device : torch.device | str (default: "cpu")
+        Where to merge.
+    example_input : torch.Tensor | None (default: None)
+        A batch of model inputs to derive the spec from when there is no surrogate (and the model has no
+        ``permutation_spec()`` nor a spec derived before).
+
+    Returns
+    -------
+    MergeResult
+        The merged weights, the permutation applied to B, the method that ran and its wall time.
     """
     start = time.perf_counter()
-    spec = model_spec(model)
+    spec = model_spec(model, surrogate.x[:2] if surrogate is not None and len(surrogate) else example_input)
     check_compatible(spec, state_a, state_b)
     state_a = {k: v.to(device) for k, v in state_a.items()}
     state_b = {k: v.to(device) for k, v in state_b.items()}

@@ -1,0 +1,206 @@
+"""Report of the N-client pipeline (issue: merging that holds up across N clients): the ablation for every client
+count and the one-round goals, from the sweep rows whose merged model was distilled from the clients' ensemble.
+
+    python -m simulations.n_client_report results/sweep/runs.csv
+
+Writes ``n_clients.md`` and ``n_clients.png`` next to the CSV. Every such row scores, from one run on the same
+clients and surrogates: the merge alone (``merge-only``), the merge followed by distillation (``merged``), the same
+distillation from a fresh model (``distilled-fresh``), a fresh model trained on the pooled surrogates with the same
+recipe (``pooled-recipe``), the ensemble, and the federation's FedAvg after one and after R rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from simulations.results_io import read_rows
+
+matplotlib.use("Agg")  # files only, no display
+
+ABLATION = {
+    "acc_merge-only_global": "merge only",
+    "acc_merged_global": "merge + distillation",
+    "acc_distilled-fresh_global": "distillation, fresh model",
+    "acc_pooled-recipe_global": "pooled surrogates, same recipe",
+    "acc_surrogate-trained_global": "pooled surrogates, plain 50 epochs",
+    "acc_ensemble_global": "ensemble",
+    "acc_fedavg1_global": "FedAvg, 1 round",
+    "acc_fedavgR_global": "FedAvg, R rounds",
+}
+"""Result columns of the ablation and their names in the tables."""
+GOAL_OVER_FEDAVG = 15.0
+GOAL_SHARE_OF_GAP = 0.75
+GOAL_OVER_POOLED = 1.0
+
+
+def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
+    """The sweep's rows with ensemble distillation after the merge, with ``setting`` (dataset, split, surrogate
+    size) and ``pipeline`` (the sweep's method label) added."""
+    runs = read_rows(csv_path)
+    if "cfg_distill-steps" not in runs:
+        raise ValueError(f"{csv_path} has no run with ensemble distillation (no cfg_distill-steps column)")
+    runs = runs[runs["cfg_distill-steps"].fillna(0) > 0].copy()
+    if runs.empty:
+        raise ValueError(f"{csv_path} has no run with ensemble distillation")
+    split = runs["cfg_split"].where(
+        runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")"
+    )
+    runs["setting"] = (
+        runs["cfg_dataset"] + " " + split + ", " + runs["cfg_per-class"].astype(int).astype(str) + "/class"
+    )
+    runs["pipeline"] = runs["sweep-method"] + runs.apply(_recipe_label, axis=1)
+    return runs
+
+
+def _recipe_label(row: pd.Series) -> str:
+    """The recipe settings that tell pipelines apart: shift, label weight and teacher bank (defaults when absent)."""
+
+    def value(key: str, default: float) -> float:
+        found = row.get(key, default)
+        return default if pd.isna(found) else float(found)
+
+    return (
+        f" (shift {value('cfg_distill-shift', 2):g}, labels x{value('cfg_distill-label-weight', 1):g}, "
+        f"bank {value('cfg_distill-bank', 0):g}, {row['cfg_epochs']} epochs)"
+    )
+
+
+def goal_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """The one-round goal per row: merged >= ensemble; merged >= pooled (same recipe) + 3/4 of the gap up to the
+    ensemble where that is higher, and >= pooled + 1 point; merged >= one-round FedAvg + 15 points."""
+    merged, ensemble = frame["acc_merged_global"], frame["acc_ensemble_global"]
+    pooled, fedavg = frame["acc_pooled-recipe_global"], frame["acc_fedavg1_global"]
+    gap = (ensemble - pooled).clip(lower=0)
+    needed_pooled = (pooled + GOAL_SHARE_OF_GAP * gap).combine(pooled + GOAL_OVER_POOLED, max)
+    out = pd.DataFrame(index=frame.index)
+    out["needed vs ensemble"] = ensemble
+    out["needed vs pooled"] = needed_pooled
+    out["needed vs FedAvg"] = fedavg + GOAL_OVER_FEDAVG
+    needed = out.max(axis=1)
+    out["short by"] = (needed - merged).clip(lower=0)
+    out["goal met"] = (merged >= needed).map({True: "yes", False: "no"})
+    out["merge helps (vs fresh)"] = merged - frame["acc_distilled-fresh_global"]
+    return out
+
+
+def ablation_table(runs: pd.DataFrame, setting: str) -> str:
+    """Markdown: one row per (pipeline, client count), the ablation columns then the goal (means over seeds)."""
+    here = runs[runs["setting"] == setting]
+    present = [c for c in ABLATION if c in here]
+    grouped = here.groupby(["pipeline", "num-clients"])
+    table = grouped[present].mean()
+    table["seeds"] = grouped.size()
+    goals = goal_columns(table) if all(c in table for c in list(ABLATION)[:7]) else pd.DataFrame(index=table.index)
+    table = pd.concat([table.rename(columns=ABLATION), goals], axis=1)
+    return table.round(1).reset_index().rename(columns={"num-clients": "clients"}).to_markdown(index=False)
+
+
+def cost_table(runs: pd.DataFrame) -> str:
+    """Markdown: merge (alignment + merge + distillation) seconds and server peak memory per pipeline and N."""
+    columns = {"merge-seconds": "merge + distillation (s)", "server-peak-rss-mb": "process peak RSS (MiB)"}
+    present = [c for c in columns if c in runs]
+    table = runs.groupby(["pipeline", "num-clients"])[present].mean().rename(columns=columns)
+    return table.round(1).reset_index().rename(columns={"num-clients": "clients"}).to_markdown(index=False)
+
+
+def plot(runs: pd.DataFrame, path: Path) -> Path:
+    """Accuracy against client count: a panel per setting, a line per ablation column, for the pipeline with the
+    most runs in that setting (the one the sweep ran over every client count)."""
+    settings = sorted(runs["setting"].unique())
+    cols = min(2, len(settings))
+    rows = -(-len(settings) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, setting in zip(axes.flat, settings, strict=False):
+        here = runs[runs["setting"] == setting]
+        main_pipeline = here["pipeline"].value_counts().index[0]
+        here = here[here["pipeline"] == main_pipeline]
+        for column, name in ABLATION.items():
+            if column not in here or here[column].isna().all():
+                continue
+            line = here.groupby("num-clients")[column].mean()
+            style = "-" if column in ("acc_merged_global", "acc_merge-only_global") else "--"
+            ax.plot(line.index, line.values, style, marker="o", label=name)
+        ticks = sorted(here["num-clients"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.set(title=f"{setting}\n{main_pipeline}", xlabel="clients", ylabel="global test accuracy (%)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(settings) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("One-shot N-client merging: the ablation (solid: our pipeline and its merge alone)")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
+    """The page: what ran, an ablation and goal table per setting, the costs."""
+    first = runs.iloc[0]
+    seeds = sorted(runs["cfg_seed"].unique())
+    recipe = ", ".join(
+        f"{key[4:]} {sorted(runs[key].unique().tolist())}"
+        for key in (
+            "cfg_distill-steps",
+            "cfg_distill-bank",
+            "cfg_distill-shift",
+            "cfg_distill-mixup",
+            "cfg_distill-label-weight",
+            "cfg_alignment",
+        )
+        if key in runs
+    )
+    lines = [
+        "# N-client merging: ablation and one-round goals",
+        "",
+        f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}; model {first['cfg_model']}; "
+        f"server recipe: {recipe}. Accuracy (%) on the global test set, mean over seeds. FedAvg columns come "
+        "from the same federation's FedAvg run (same clients' data, local epochs and seed).",
+        "",
+        "Goal (one round): merged >= ensemble, >= pooled surrogates with the same recipe + 3/4 of the gap up to the "
+        f"ensemble (at least + {GOAL_OVER_POOLED:g} point), and >= one-round FedAvg + {GOAL_OVER_FEDAVG:g} points. "
+        "'short by' is how far the merged model is from the highest of the three; 'merge helps' is merged minus "
+        "the same distillation from a fresh model.",
+        "",
+        f"![{figure.stem}]({figure.name})",
+        "",
+    ]
+    for setting in sorted(runs["setting"].unique()):
+        lines += [f"## {setting}", "", ablation_table(runs, setting), ""]
+    lines += ["## Costs (mean per run, in-process on 2 CPU cores)", "", cost_table(runs), ""]
+    return "\n".join(lines)
+
+
+def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
+    """Write ``n_clients.md`` and ``n_clients.png`` for the distilled runs of ``csv_path`` into ``out``."""
+    out = out or csv_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_distilled_runs(csv_path)
+    figure = plot(runs, out / "n_clients.png")
+    page = out / "n_clients.md"
+    page.write_text(summary_markdown(runs, figure))
+    return [figure, page]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.n_client_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=Path, nargs="?", default=Path("results/sweep/runs.csv"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(None if argv is None else list(argv))
+    for path in write_report(args.csv, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
