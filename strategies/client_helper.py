@@ -214,10 +214,10 @@ def labeled_images(
     if isinstance(train_data, LabeledImages):
         return train_data
     if _is_tensor_pair(train_data):
-        images, labels = train_data  # type: ignore[misc]
+        images, labels = train_data
     else:
         xs, ys = [], []
-        for index, batch in enumerate(train_data):  # type: ignore[union-attr]
+        for index, batch in enumerate(train_data):
             x, y = _split_batch(batch, image_key, label_key, index)
             xs.append(x)
             ys.append(y)
@@ -265,7 +265,7 @@ def count_examples(
         return len(dataset)
     if data is not None:
         return len(data)
-    batches = enumerate(train_data)  # type: ignore[arg-type]
+    batches = enumerate(train_data)
     return sum(len(_split_batch(batch, image_key, label_key, index)[1]) for index, batch in batches)
 
 

@@ -57,3 +57,32 @@ def test_flwr_run_merges_two_clients_writes_results_and_repeats_exactly(tmp_path
     assert first["state_dict"].keys() == second["state_dict"].keys()
     assert all(torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in first["state_dict"])
     assert not superlink_pids(flwr_home)
+
+
+@pytest.mark.skipif(not FLWR.exists(), reason=f"the flwr CLI is not installed next to {sys.executable}")
+def test_flwr_run_of_two_rounds_of_universe_merging_with_distillation(tmp_path):
+    flwr_home, results = tmp_path / "flwr-home", tmp_path / "runs"
+    run_config = {
+        "results-dir": str(results),
+        "epochs": 3,
+        "num-rounds": 2,
+        "method": "wm",
+        "schedule": "universe",
+        "distill-steps": 40,
+        "merge-workers": 0,
+        "seed": 1,
+    }
+    try:
+        output = flwr_run(run_config, tmp_path, flwr_home)
+    finally:
+        stop_superlinks(flwr_home)
+    runs = results / "runs.csv"
+    assert runs.exists(), f"the run did not finish: no {runs}\n{output[-4000:]}"
+    row = pd.read_csv(runs).iloc[0]
+    assert row["cfg_num-rounds"] == 2 and row["cfg_schedule"] == "universe"
+    assert {"acc_round1_global", "acc_round2_global", "acc_merge-only_global", "acc_pooled-recipe_global"} <= set(
+        row.index
+    )
+    assert 0 < row["bytes-uploaded_round1"] < row["bytes-uploaded_round2"] == 2 * row["bytes-uploaded_round1"]
+    assert "universe merge of 2 clients" in output and "distilling the ensemble of 2 clients" in output
+    assert not superlink_pids(flwr_home)
