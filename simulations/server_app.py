@@ -74,6 +74,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
             min_available_nodes=num_clients,
             image_shape=image_shape,
             num_partitions=num_clients,
+            fraction_evaluate=0.0,  # the ClientApp has no evaluate handler: the server scores the models
         )
     return PermutationMerge(
         template,
@@ -86,6 +87,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
         distill=settings.distill_config(),
         image_shape=image_shape,
         num_partitions=num_clients,
+        fraction_evaluate=0.0,
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,
     )

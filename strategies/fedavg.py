@@ -37,22 +37,27 @@ LIBRARY_LOGGERS = ("fedmerge", "strategies", "simulations")
 
 
 class _ToFlower(logging.Handler):
-    """Hands every record to the ``flwr`` logger's handlers (and, as Flower's own records, on to its parents)."""
+    """Hands every record to the handlers of the ``flwr`` logger (those the root logger lacks: the root logger gets
+    the record anyway, by propagation)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         flower = logging.getLogger("flwr")
-        if not flower.disabled:
-            flower.handle(record)
+        if flower.disabled:
+            return
+        root_handlers = logging.getLogger().handlers
+        for handler in flower.handlers:
+            if handler not in root_handlers and record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def send_logs_to_flower(level: int = logging.INFO) -> None:
     """Show the library's logs (``fedmerge``, ``strategies``, ``simulations``) wherever Flower shows its own.
 
     Runs when :mod:`strategies` is imported, so a ServerApp or ClientApp using it needs no call; calling it
-    again does nothing more. Each library logger gets a handler that passes its records to the ``flwr`` logger,
-    which formats them as Flower's (``INFO : ...``, ``WARNING : ...``) on whatever handlers Flower has at that
-    moment (the console, ``flwr run --stream``, log files) and propagates them as it propagates its own; the
-    library loggers themselves stop propagating, so nothing prints twice and no warning prints as a bare line.
+    again does nothing more. Each library logger gets a handler that passes its records to the handlers the
+    ``flwr`` logger has at that moment (the console, what ``flwr run --stream`` shows, log files), which format
+    them as Flower's own (``INFO : ...``, ``WARNING : ...``), so no warning prints as a bare line. The records
+    still propagate to the root logger as before (a handler both loggers share gets each record once).
 
     Parameters
     ----------
@@ -65,7 +70,6 @@ def send_logs_to_flower(level: int = logging.INFO) -> None:
             logger.setLevel(level)
         if not any(isinstance(handler, _ToFlower) for handler in logger.handlers):
             logger.addHandler(_ToFlower())
-        logger.propagate = False
 
 
 class SortedFedAvg(FedAvg):

@@ -7,19 +7,23 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import pickle
 from collections.abc import Iterable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedmerge.data.images import LabeledImages
-from fedmerge.merge import MergeConfig, STEConfig, merge_models, merge_pair, weighted_average
+from fedmerge.merge import MergeConfig, STEConfig, merge_pair, weighted_average
+from fedmerge.merge.many import merge_models
 from fedmerge.models import model_spec
 from strategies import PermutationMerge, SortedFedAvg, merge_reply, read_reply
 from strategies.messages import train_config
@@ -118,7 +122,8 @@ def test_model_spec_derives_and_caches_the_spec_of_a_model_without_one():
     spec = model_spec(model, torch.zeros(2, 3, 32, 32))
     assert spec.axes_to_perm["fc3.weight"] == (None, "P_fc2")
     assert model_spec(model) is spec  # cached on the object: no example input, no second trace
-    assert model_spec(copy.deepcopy(model)) == spec  # copies (and pickles, e.g. for Ray tasks) carry it
+    assert model_spec(copy.deepcopy(model)) == spec  # copies and pickles (e.g. for Ray tasks) carry it
+    assert model_spec(pickle.loads(pickle.dumps(model))) == spec
     with pytest.raises(TypeError, match="LeNet"):
         model_spec(lenet(0))  # another object: no spec yet
 
@@ -167,7 +172,7 @@ def test_without_surrogate_an_example_input_is_needed(caplog):
     blind = PermutationMerge(lenet(0), fast("ste"), runner=SequentialRunner("cpu"))
     with caplog.at_level(logging.ERROR, logger="strategies"):
         arrays, metrics = blind.aggregate_train(1, replies)
-    assert "pass example_input" in caplog.text and metrics is not None and metrics["clients-merged"] == 0
+    assert "Pass example_input" in caplog.text and metrics is not None and metrics["clients-merged"] == 0
     assert arrays is not None  # the global model stays
     assert_same(arrays.to_torch_state_dict(), lenet(0).state_dict())
     for kwargs in ({"example_input": torch.zeros(2, 3, 32, 32)}, {"image_shape": (3, 32, 32)}):
@@ -291,7 +296,9 @@ class FakeGrid(Grid):
 
 
 @pytest.mark.parametrize("strategy_class", [PermutationMerge, SortedFedAvg])
-def test_rounds_in_which_every_client_fails_keep_the_previous_arrays(strategy_class):
+def test_rounds_in_which_every_client_fails_keep_the_previous_arrays(strategy_class, monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a running ServerApp sets
+        monkeypatch.setattr(TaskIdentity, name, value)
     strategy = PermutationMerge(lenet(0), fast()) if strategy_class is PermutationMerge else SortedFedAvg(NUM_CLASSES)
     initial = ArrayRecord(lenet(5).state_dict())
     grid = FakeGrid()
@@ -423,3 +430,63 @@ def test_merge_reply_respects_want_surrogate_false_and_suits_flowers_fedavg():
     arrays, _ = FedAvg().aggregate_train(1, replies)  # Flower's own FedAvg reads the reply too
     assert arrays is not None
     assert_same(arrays.to_torch_state_dict(), model.state_dict())
+
+
+# ------------------------------------------------------------------------------------ end to end (Flower + Ray)
+
+E2E: dict = {}
+e2e_server = ServerApp()
+e2e_client = ClientApp()
+
+
+@e2e_client.train()
+def _quickstart_train(msg: Message, context: Context) -> Message:
+    """A quickstart ClientApp: train the received LeNet a little, answer with merge_reply."""
+    model = LeNet()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    partition_id = int(context.node_config["partition-id"])
+    loader = dict_loader(partition_id)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(batch["img"]), batch["label"])
+        loss.backward()
+        optimizer.step()
+    return merge_reply(msg, model, loader, context=context, per_class=2, metrics={"train-loss": float(loss)})
+
+
+@e2e_server.main()
+def _quickstart_server(grid: Grid, context: Context) -> None:
+    strategy = PermutationMerge(LeNet(), fast("ste"), runner=SequentialRunner("cpu"), fraction_evaluate=0.0)
+    E2E["initial"] = lenet(0).state_dict()
+    E2E["result"] = strategy.start(grid, ArrayRecord(E2E["initial"]), num_rounds=1)
+    E2E["steps"] = [s.method for s in strategy.merge_steps]
+    E2E["merged"] = [u.partition_id for u in strategy.client_updates]
+
+
+@pytest.mark.slow  # starts Flower's simulation engine (Ray)
+def test_end_to_end_a_quickstart_app_is_merged_by_flowers_simulation_engine():
+    from flwr.simulation import run_simulation
+
+    handler = Collect()
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        run_simulation(
+            e2e_server,
+            e2e_client,
+            num_supernodes=2,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "num_gpus": 0, "log_to_driver": False},
+            },
+        )
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert "result" in E2E, "the ServerApp did not finish"
+    merged = E2E["result"].arrays.to_torch_state_dict()
+    assert merged.keys() == E2E["initial"].keys() and not all(torch.equal(merged[k], E2E["initial"][k]) for k in merged)
+    assert E2E["steps"] == ["ste"] and E2E["merged"] == [0, 1]
+    assert E2E["result"].train_metrics_clientapp[1]["clients-merged"] == 2
+    messages = [r.getMessage() for r in handler.records]
+    assert any("deriving the permutation spec of LeNet" in m for m in messages)
+    assert any("merged clients [0, 1] by ste" in m for m in messages)

@@ -282,8 +282,10 @@ def test_permutation_merge_leaves_out_broken_clients_and_reports_them(caplog):
 
 def test_permutation_merge_with_no_usable_reply_keeps_the_global_model(caplog):
     with caplog.at_level(logging.ERROR, logger="strategies"):
-        assert merge_strategy().aggregate_train(1, [failed_reply(1), failed_reply(2)]) == (None, None)
+        arrays, metrics = merge_strategy().aggregate_train(1, [failed_reply(1), failed_reply(2)])
     assert any("no usable client update" in r.message for r in caplog.records)
+    assert_states_equal(arrays.to_torch_state_dict(), small_mlp(0).state_dict())  # the global model, not None
+    assert metrics["clients-merged"] == 0 and metrics["clients-left-out"] == 2
 
 
 def test_permutation_merge_of_one_client_returns_its_weights():
@@ -295,8 +297,8 @@ def test_permutation_merge_of_one_client_returns_its_weights():
 def test_permutation_merge_checks_its_arguments():
     with pytest.raises(ValueError, match="unknown merge schedule"):
         PermutationMerge(small_mlp(0), schedule="ring")
-    with pytest.raises(TypeError, match="permutation_spec"):
-        PermutationMerge(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="activation_points"):  # a derived spec has none
+        PermutationMerge(torch.nn.Linear(3, 3), MergeConfig(method="am"))
 
 
 def test_sorted_fedavg_averages_by_sample_count_in_partition_order():
