@@ -230,3 +230,36 @@ def test_flower_cli_stops_nothing_of_an_unused_flower_home(tmp_path, capsys):
 
     assert main(["stop", "--flwr-home", str(tmp_path)]) == 0
     assert "none" in capsys.readouterr().out
+
+
+def test_rounds_report_puts_the_merge_pipeline_next_to_fedavg_round_by_round(tmp_path):
+    from simulations import rounds_report
+    from simulations.results_io import save_rows
+
+    base = {"cfg_dataset": "mnist", "cfg_seed": 0, "num-clients": 4}
+    save_rows(
+        tmp_path / "runs.csv",
+        [
+            base
+            | {
+                "sweep-method": "fedavg",
+                "acc_round1_global": 70.0,
+                "acc_round2_global": 80.0,
+                "bytes-uploaded_round1": 2**20,
+                "bytes-uploaded_round2": 2**21,
+            },
+            base
+            | {
+                "sweep-method": "wm@universe+kd10",
+                "acc_round1_global": 85.0,
+                "acc_round2_global": 88.0,
+                "bytes-uploaded_round1": 2**21,
+                "bytes-uploaded_round2": 2**22,
+            },
+        ],
+    )
+    figure, page = rounds_report.write_report(tmp_path / "runs.csv")
+    text = page.read_text()
+    assert figure.exists() and "## Merge pipeline minus FedAvg (points)" in text
+    margin = rounds_report.margin_over_fedavg(rounds_report.read_rows(tmp_path / "runs.csv"))
+    assert margin is not None and margin.loc[("wm@universe+kd10", 4)].tolist() == [15.0, 8.0]

@@ -1,0 +1,507 @@
+"""Defences against hostile or broken clients, applied to the updates :func:`strategies.validation.accept_replies`
+kept, before they are merged (:func:`apply_defences`; the strategies call it from ``aggregate_train``).
+
+Every rule judges a client against the others, so each needs at least ``min_clients`` (default 3) clients: with
+fewer, no client can be told from the rest and the rule is skipped (logged at INFO). Every rule assumes that most
+clients are honest (the medians below are robust to a minority of hostile clients, not to a majority). Each decision
+is logged at WARNING level naming the client. The rules, in the order :func:`apply_defences` applies them:
+
+1. **Outlying weight norms** (:func:`norm_outliers`, ``norm_outlier_ratio``, default 10): for every floating-point
+   tensor, each client's L2 norm is divided by the median of all clients' norms of that tensor; a client whose ratio
+   is above ``norm_outlier_ratio`` or below ``1 / norm_outlier_ratio`` on any tensor is left out. The median is over
+   all clients, the client included, so that with three clients one hostile norm cannot move it. Honest clients
+   trained from different seeds on different Dirichlet parts stay within 0.7x..1.4x (MNIST, 8 clients); weights
+   scaled up (x100) or drawn from N(0, 1) are far outside. Tensors whose median norm is zero are not compared.
+2. **Models that disagree with the surrogates** (:func:`model_outliers`, ``model_check``): each client's model is
+   scored by its accuracy on every *other* client's surrogate, and its score is the median over those surrogates;
+   a client whose score is below ``agreement_ratio`` (default 0.5) x the median score of all clients is left out
+   (its weights are suspect). This catches random weights, whose norms can look like a trained model's.
+3. **Surrogates that disagree with the models** (:func:`surrogate_outliers`, ``surrogate_check``): each client's
+   surrogate is scored by the accuracy on it of the ensemble (mean class probabilities, every member weighted
+   alike, so no claimed sample count counts) of the *other* clients' models that passed rules 1 and 2; a surrogate
+   scoring below ``agreement_ratio`` x the median over clients is flagged. This catches shifted labels and noise
+   images. ``surrogate_check="leave-out"`` (the default) leaves that client out: one client without a surrogate
+   would make every merge on its way up the tree (and the universe merge) data-free and skip fine-tuning and
+   distillation, which costs more than one client's model, and a client that sends a hostile surrogate is not
+   trusted with its weights either; ``"drop-surrogate"`` keeps its weights (merged data-free).
+4. **Cap on one client's merge weight** (:func:`cap_counts`), on the clients left after rules 1-3: a client's
+   sample count (which decides its merge weight, ``lambda = n_B / (n_A + n_B)``) is clipped to ``max_count_ratio``
+   (default 3) x the median count of the *other* clients, and then, when ``max_weight_share`` < 1, so that no
+   client holds more than that share of the total (less than ``1 / clients`` is raised to it). The clipped count
+   is what the merge, the distillation teacher and the round's metrics use. Dirichlet(0.5) splits (2..16 clients,
+   50 seeds) never had a client above 2.2x the others' median, so honest clients of such splits keep their counts;
+   a claim of 10^9 examples among three clients of ~600 gets 3 x 600 (60 % of the weight, not 100 %).
+
+Rules 2 and 3 need surrogates from at least ``min_clients`` clients and a model to evaluate (the strategy's
+template), and they judge only when the clients' models agree with each other's surrogates clearly better than
+chance (a median accuracy of at least twice chance, ``2 / classes``): when each client holds classes no other
+client knows (a disjoint split), no client can vouch for another's labels, and the rules are skipped (logged).
+A rule that fails with an exception is skipped with the error logged: a defence never ends the round.
+
+Rules about duplicate partition ids, malformed or non-finite weights and oversized surrogates are in
+:mod:`strategies.validation` and always apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedmerge.merge.functional import load_state
+from fedmerge.train import predict_logits
+from strategies.messages import ClientUpdate
+
+log = logging.getLogger(__name__)
+
+SURROGATE_ACTIONS: tuple[str, ...] = ("leave-out", "drop-surrogate", "off")
+"""What :func:`apply_defences` does with a client whose surrogate fails the check (``"off"``: no check)."""
+
+LeftOut = list[tuple[str, str]]
+"""(client, reason) pairs."""
+
+
+@dataclass(frozen=True)
+class Defences:
+    """Which defences a strategy applies to the accepted updates, and their thresholds (see the module docstring).
+
+    Parameters
+    ----------
+    enabled : bool (default: True)
+        The master switch: False applies none of them.
+    max_count_ratio : float (default: 3.0)
+        A client's sample count is clipped to this multiple of the other clients' median count (0: no clip).
+    max_weight_share : float (default: 1.0)
+        No client may hold more than this share of the total sample count (1.0: no cap).
+    norm_outlier_ratio : float (default: 10.0)
+        A client whose L2 norm of some tensor is more than this many times the clients' median (or less than its
+        inverse) is left out (0: no norm check).
+    model_check : bool (default: True)
+        Leave out a client whose model agrees with the other clients' surrogates far less than the others do.
+    surrogate_check : str (default: "leave-out")
+        What to do with a client whose surrogate the other clients' models disagree with far more than typical:
+        "leave-out", "drop-surrogate" (merge its weights data-free) or "off" (no check).
+    agreement_ratio : float (default: 0.5)
+        The model and surrogate checks flag a score below this fraction of the clients' median score.
+    min_clients : int (default: 3)
+        The fewest clients a rule judges (fewer: the rule is skipped).
+    """
+
+    enabled: bool = True
+    max_count_ratio: float = 3.0
+    max_weight_share: float = 1.0
+    norm_outlier_ratio: float = 10.0
+    model_check: bool = True
+    surrogate_check: str = "leave-out"
+    agreement_ratio: float = 0.5
+    min_clients: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_count_ratio != 0 and not self.max_count_ratio >= 1:
+            raise ValueError(f"max_count_ratio must be 0 (no clip) or >= 1, got {self.max_count_ratio}")
+        if not 0 < self.max_weight_share <= 1:
+            raise ValueError(f"max_weight_share must be in (0, 1] (1: no cap), got {self.max_weight_share}")
+        if self.norm_outlier_ratio != 0 and not self.norm_outlier_ratio > 1:
+            raise ValueError(f"norm_outlier_ratio must be 0 (no check) or > 1, got {self.norm_outlier_ratio}")
+        if self.surrogate_check not in SURROGATE_ACTIONS:
+            raise ValueError(
+                f"surrogate_check must be one of {', '.join(SURROGATE_ACTIONS)}, got {self.surrogate_check!r}"
+            )
+        if not 0 <= self.agreement_ratio < 1:
+            raise ValueError(f"agreement_ratio must be in [0, 1), got {self.agreement_ratio}")
+        if self.min_clients < 3:
+            raise ValueError(
+                f"min_clients must be >= 3 (a median needs a majority to be robust), got {self.min_clients}"
+            )
+
+    @classmethod
+    def off(cls) -> Defences:
+        """No defence at all."""
+        return cls(enabled=False)
+
+
+@dataclass
+class DefenceReport:
+    """What :func:`apply_defences` decided: the updates to merge (counts clipped, surrogates dropped), the clients
+    left out, those whose count was clipped and those whose surrogate was dropped (client, reason), and the checks
+    that were skipped (with why)."""
+
+    updates: list[ClientUpdate]
+    left_out: LeftOut = field(default_factory=list)
+    clipped: LeftOut = field(default_factory=list)
+    surrogates_dropped: LeftOut = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _skip(skipped: list[str] | None, what: str) -> None:
+    log.info("defences: %s", what)
+    if skipped is not None:
+        skipped.append(what)
+
+
+# --------------------------------------------------------------------------------------------------- sample counts
+
+
+def _share_cap(counts: Sequence[float], share: float) -> float:
+    """The count c such that clipping every count to c leaves no count above ``share`` of the total (water filling;
+    ``share`` below ``1 / len(counts)`` is raised to it)."""
+    share = max(share, 1.0 / len(counts))
+    ordered = sorted(counts, reverse=True)
+    for clipped in range(1, len(ordered) + 1):
+        if clipped * share >= 1:
+            return ordered[-1]
+        rest = sum(ordered[clipped:])
+        cap = share * rest / (1 - clipped * share)
+        if clipped == len(ordered) or cap >= ordered[clipped]:
+            return cap
+    return ordered[-1]
+
+
+def cap_counts(
+    updates: Sequence[ClientUpdate],
+    max_count_ratio: float = 3.0,
+    max_weight_share: float = 1.0,
+    min_clients: int = 3,
+    skipped: list[str] | None = None,
+) -> tuple[list[ClientUpdate], LeftOut]:
+    """Clip the sample counts that would give one client too large a merge weight.
+
+    A count is clipped to ``max_count_ratio`` x the median of the other clients' counts (0: no such clip), then,
+    when ``max_weight_share`` < 1, to the largest count that keeps every client's share of the total at most
+    ``max_weight_share``. Clipped clients are copies (the input is not changed); each clip is logged.
+
+    Returns
+    -------
+    tuple[list[ClientUpdate], list[tuple[str, str]]]
+        The updates (in order, clipped ones replaced by copies) and (client, reason) for each clipped client.
+    """
+    updates = list(updates)
+    if not max_count_ratio and max_weight_share >= 1:
+        return updates, []
+    if len(updates) < min_clients:
+        _skip(skipped, f"count cap skipped: {len(updates)} client(s), it needs at least {min_clients}")
+        return updates, []
+    counts = [float(u.num_examples) for u in updates]
+    caps = [math.inf] * len(updates)
+    if max_count_ratio:
+        for i in range(len(updates)):
+            others = counts[:i] + counts[i + 1 :]
+            caps[i] = max_count_ratio * statistics.median(others)
+    reasons = [
+        f"{max_count_ratio:g} x the other clients' median count {caps[i] / max_count_ratio:g}"
+        if max_count_ratio
+        else ""
+        for i in range(len(updates))
+    ]
+    if max_weight_share < 1:
+        after = [min(n, c) for n, c in zip(counts, caps, strict=True)]
+        share_cap = _share_cap(after, max_weight_share)
+        for i in range(len(updates)):
+            if share_cap < caps[i]:
+                caps[i] = share_cap
+                reasons[i] = f"the largest count that keeps every client within {max_weight_share:g} of the total"
+    result, clipped = [], []
+    for update, count, cap, reason in zip(updates, counts, caps, reasons, strict=True):
+        if count <= cap:
+            result.append(update)
+            continue
+        new = max(1, math.floor(cap))
+        why = f"reported {update.num_examples} examples; its merge weight counts {new} ({reason})"
+        log.warning("defences: clipping the sample count of %s: %s", update.name, why)
+        clipped.append((update.name, why))
+        result.append(dataclasses.replace(update, num_examples=new))
+    return result, clipped
+
+
+# ---------------------------------------------------------------------------------------------------- weight norms
+
+
+def norm_outliers(
+    updates: Sequence[ClientUpdate],
+    max_ratio: float = 10.0,
+    min_clients: int = 3,
+    skipped: list[str] | None = None,
+) -> tuple[list[ClientUpdate], LeftOut]:
+    """Leave out the clients with a floating-point tensor whose L2 norm is more than ``max_ratio`` times the median
+    of all clients' norms of that tensor, or less than its inverse (0: no check).
+
+    Returns
+    -------
+    tuple[list[ClientUpdate], list[tuple[str, str]]]
+        The clients kept (in order) and (client, reason) for each client left out (the reason names its most
+        outlying tensor).
+    """
+    updates = list(updates)
+    if not max_ratio:
+        return updates, []
+    if len(updates) < min_clients:
+        _skip(skipped, f"norm check skipped: {len(updates)} client(s), it needs at least {min_clients}")
+        return updates, []
+    names = [k for k, v in updates[0].state.items() if v.is_floating_point()]
+    if not names:
+        return updates, []
+    norms = torch.tensor(
+        [[float(u.state[k].double().norm()) if k in u.state else math.nan for k in names] for u in updates],
+        dtype=torch.float64,
+    )
+    medians = torch.nanquantile(norms, 0.5, dim=0)
+    ratios = norms / medians
+    deviation = torch.where(ratios >= 1, ratios, 1 / ratios)  # a zero tensor where the others have weights: inf
+    deviation[:, ~(medians > 0)] = 1.0  # every norm zero (or missing): nothing to compare
+    deviation = torch.nan_to_num(deviation, nan=1.0, posinf=math.inf)
+    kept, left_out = [], []
+    for i, update in enumerate(updates):
+        j = int(deviation[i].argmax())
+        if float(deviation[i, j]) > max_ratio:
+            why = (
+                f"the L2 norm of its {names[j]} is {float(norms[i, j]):.3g}, {float(ratios[i, j]):.3g} x the "
+                f"clients' median {float(medians[j]):.3g} (allowed {1 / max_ratio:g}x..{max_ratio:g}x)"
+            )
+            log.warning("defences: leaving out %s: %s", update.name, why)
+            left_out.append((update.name, why))
+        else:
+            kept.append(update)
+    return kept, left_out
+
+
+# ---------------------------------------------------------------------------------- models against the surrogates
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Class probabilities of client models on client surrogates: ``probs[(j, k)]`` is model ``j``'s on surrogate
+    ``k`` (partition ids), ``labels[k]`` surrogate ``k``'s labels."""
+
+    probs: dict[tuple[int, int], torch.Tensor]
+    labels: dict[int, torch.Tensor]
+
+    def accuracy(self, model: int, surrogate: int) -> float:
+        """Model ``model``'s accuracy (0..1) on surrogate ``surrogate``'s labels."""
+        return _accuracy(self.probs[(model, surrogate)], self.labels[surrogate])
+
+    def ensemble_accuracy(self, models: Sequence[int], surrogate: int) -> float:
+        """The accuracy (0..1) of the mean class probabilities of ``models`` on surrogate ``surrogate``."""
+        mean = torch.stack([self.probs[(j, surrogate)] for j in models]).mean(0)
+        return _accuracy(mean, self.labels[surrogate])
+
+
+def _accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(1) == labels).float().mean()) if len(labels) else math.nan
+
+
+def predictions(
+    template: nn.Module, updates: Sequence[ClientUpdate], device: torch.device | str = "cpu"
+) -> Predictions:
+    """Every client model's class probabilities on every client surrogate (NaN outputs count as wrong)."""
+    with_data = [u for u in updates if u.surrogate is not None]
+    if len({u.partition_id for u in updates}) != len(updates):
+        raise ValueError("predictions need unique partition ids")
+    probs = {}
+    for update in updates:
+        model = load_state(template, update.state).eval()
+        for other in with_data:
+            assert other.surrogate is not None
+            logits = predict_logits(model, other.surrogate, device=device).double()
+            probs[(update.partition_id, other.partition_id)] = torch.nan_to_num(torch.softmax(logits, 1), nan=0.0)
+    labels = {u.partition_id: u.surrogate.y.cpu() for u in with_data if u.surrogate is not None}
+    return Predictions(probs, labels)
+
+
+def _num_classes(preds: Predictions) -> int:
+    return next(iter(preds.probs.values())).shape[1]
+
+
+def _judgeable(scores: dict[int, float], preds: Predictions, what: str, skipped: list[str] | None) -> float | None:
+    """The median score, or None (logged) when the clients agree too little with each other to judge anyone."""
+    reference = statistics.median(scores.values())
+    chance = 1.0 / _num_classes(preds)
+    if reference < 2 * chance:
+        _skip(
+            skipped,
+            f"{what} skipped: the clients' median agreement is {100 * reference:.1f} %, less than twice chance "
+            f"({200 * chance:.0f} %): the clients do not know each other's classes well enough to judge",
+        )
+        return None
+    return reference
+
+
+def model_outliers(
+    updates: Sequence[ClientUpdate],
+    preds: Predictions,
+    min_ratio: float = 0.5,
+    min_clients: int = 3,
+    skipped: list[str] | None = None,
+) -> tuple[list[ClientUpdate], LeftOut]:
+    """Leave out the clients whose model agrees with the other clients' surrogates far less than the others' do.
+
+    A model's score is the median of its accuracies on the other clients' surrogates; a score below ``min_ratio``
+    x the median score of all ``updates`` leaves the client out. Skipped with fewer than ``min_clients`` surrogates
+    or when the median score is below twice chance. ``preds`` must cover ``updates`` (:func:`predictions`).
+
+    Returns
+    -------
+    tuple[list[ClientUpdate], list[tuple[str, str]]]
+        The clients kept (in order) and (client, reason) for each client left out.
+    """
+    updates = list(updates)
+    with_data = [u.partition_id for u in updates if u.surrogate is not None]
+    if len(updates) < min_clients or len(with_data) < min_clients:
+        _skip(
+            skipped,
+            f"model check skipped: {len(with_data)} of {len(updates)} client(s) sent a surrogate, "
+            f"it needs at least {min_clients}",
+        )
+        return updates, []
+    scores = {
+        u.partition_id: statistics.median(preds.accuracy(u.partition_id, k) for k in with_data if k != u.partition_id)
+        for u in updates
+    }
+    reference = _judgeable(scores, preds, "model check", skipped)
+    if reference is None:
+        return updates, []
+    kept, left_out = [], []
+    for update in updates:
+        score = scores[update.partition_id]
+        if score < min_ratio * reference:
+            why = (
+                f"its model agrees with the other clients' surrogates on {100 * score:.1f} % of their labels "
+                f"(median over {len(with_data) - (update.surrogate is not None)} surrogates), less than "
+                f"{min_ratio:g} x the clients' median {100 * reference:.1f} %: its weights are suspect"
+            )
+            log.warning("defences: leaving out %s: %s", update.name, why)
+            left_out.append((update.name, why))
+        else:
+            kept.append(update)
+    return kept, left_out
+
+
+def surrogate_outliers(
+    updates: Sequence[ClientUpdate],
+    preds: Predictions,
+    min_ratio: float = 0.5,
+    min_clients: int = 3,
+    skipped: list[str] | None = None,
+) -> tuple[list[ClientUpdate], LeftOut]:
+    """Flag the surrogates whose labels the other clients' models disagree with far more than typical.
+
+    A surrogate's score is the accuracy on it of the ensemble (mean class probabilities, members weighted alike) of
+    the other clients' models in ``updates``; a score below ``min_ratio`` x the median score over the clients with
+    a surrogate flags it. Skipped with fewer than ``min_clients`` clients or surrogates, or when the median score
+    is below twice chance. ``preds`` must cover ``updates`` (:func:`predictions`).
+
+    Returns
+    -------
+    tuple[list[ClientUpdate], list[tuple[str, str]]]
+        The clients whose surrogate passed or who sent none (in order), and (client, reason) for each flagged one.
+    """
+    updates = list(updates)
+    with_data = [u.partition_id for u in updates if u.surrogate is not None]
+    if len(updates) < min_clients or len(with_data) < min_clients:
+        _skip(
+            skipped,
+            f"surrogate check skipped: {len(with_data)} of {len(updates)} client(s) sent a surrogate, "
+            f"it needs at least {min_clients}",
+        )
+        return updates, []
+    judges = [u.partition_id for u in updates]
+    scores = {k: preds.ensemble_accuracy([j for j in judges if j != k], k) for k in with_data}
+    reference = _judgeable(scores, preds, "surrogate check", skipped)
+    if reference is None:
+        return updates, []
+    passed, flagged = [], []
+    for update in updates:
+        score = scores.get(update.partition_id)
+        if score is not None and score < min_ratio * reference:
+            why = (
+                f"the other {len(judges) - 1} clients' models agree with {100 * score:.1f} % of its surrogate's "
+                f"{len(preds.labels[update.partition_id])} labels, less than {min_ratio:g} x the clients' median "
+                f"{100 * reference:.1f} %"
+            )
+            log.warning("defences: the surrogate of %s fails the check: %s", update.name, why)
+            flagged.append((update.name, why))
+        else:
+            passed.append(update)
+    return passed, flagged
+
+
+# ------------------------------------------------------------------------------------------------------- all rules
+
+
+def apply_defences(
+    updates: Sequence[ClientUpdate],
+    defences: Defences | None = None,
+    template: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+) -> DefenceReport:
+    """Apply ``defences`` (None: the defaults) to the accepted ``updates`` (unique partition ids, as
+    :func:`strategies.validation.accept_replies` returns them): norm check, model check, surrogate check, count cap,
+    in that order (see the module docstring). The model and surrogate checks need ``template`` (the architecture
+    the states load into; None skips them) and run their forward passes on ``device``.
+
+    Nothing is changed in place: clipped clients and clients whose surrogate is dropped are copies. A rule that
+    raises is skipped (the error logged); the others still apply.
+
+    Returns
+    -------
+    DefenceReport
+        The updates to merge, in order, and what was decided.
+    """
+    defences = defences if defences is not None else Defences()
+    report = DefenceReport(list(updates))
+    if not defences.enabled or not updates:
+        return report
+    kept, skipped, n = report.updates, report.skipped, defences.min_clients
+    try:
+        kept, left = norm_outliers(kept, defences.norm_outlier_ratio, n, skipped)
+        report.left_out += left
+    except Exception:  # a defence never ends the round
+        log.exception("defences: the norm check failed; it is skipped")
+    wants_data = defences.model_check or defences.surrogate_check != "off"
+    if wants_data and template is None:
+        _skip(skipped, "model and surrogate checks skipped: the strategy has no model to evaluate the clients with")
+    elif wants_data:
+        try:
+            preds = predictions(template, kept, device)  # type: ignore[arg-type]
+            if defences.model_check:
+                kept, left = model_outliers(kept, preds, defences.agreement_ratio, n, skipped)
+                report.left_out += left
+            if defences.surrogate_check != "off":
+                passed, flagged = surrogate_outliers(kept, preds, defences.agreement_ratio, n, skipped)
+                good = {u.partition_id for u in passed}
+                if defences.surrogate_check == "leave-out":
+                    for who, why in flagged:
+                        log.warning("defences: leaving out %s: its surrogate fails the check", who)
+                        report.left_out.append((who, f"its surrogate fails the check: {why}"))
+                    kept = passed
+                else:
+                    for who, _ in flagged:
+                        log.warning("defences: dropping the surrogate of %s; its weights are merged data-free", who)
+                    report.surrogates_dropped += flagged
+                    kept = [u if u.partition_id in good else dataclasses.replace(u, surrogate=None) for u in kept]
+        except Exception:  # a defence never ends the round
+            log.exception("defences: the model / surrogate checks failed; they are skipped")
+    try:
+        kept, report.clipped = cap_counts(kept, defences.max_count_ratio, defences.max_weight_share, n, skipped)
+    except Exception:  # a defence never ends the round
+        log.exception("defences: the count cap failed; it is skipped")
+    report.updates = kept
+    if report.left_out or report.clipped or report.surrogates_dropped:
+        log.warning(
+            "defences: %d of %d client(s) left out %s, %d count(s) clipped %s, %d surrogate(s) dropped %s",
+            len(report.left_out),
+            len(updates),
+            [who for who, _ in report.left_out],
+            len(report.clipped),
+            [who for who, _ in report.clipped],
+            len(report.surrogates_dropped),
+            [who for who, _ in report.surrogates_dropped],
+        )
+    else:
+        log.info("defences: all %d client(s) passed%s", len(updates), " the checks that ran" if skipped else "")
+    return report
