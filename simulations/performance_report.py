@@ -48,6 +48,27 @@ def scaling_section(scaling: pd.DataFrame) -> list[str]:
     return lines
 
 
+def universe_section(scaling: pd.DataFrame) -> list[str]:
+    """Merge seconds, the merging process's peak memory and the merged accuracy of the universe schedule (all clients
+    at once) per method and client count, each measured alone in a fresh process."""
+    lines = [
+        "## Merging all clients at once (universe schedule)",
+        "",
+        "Each merge ran alone in a fresh process (one torch thread) on the cached clients of the sweep's federation: "
+        "the universe alignment (MergeMany) and the method's N-model merge, without distillation (its cost is in "
+        "`sweep/n_clients.md`). Peak RSS is the whole process's (Python, torch, the N loaded clients and the merge).",
+        "",
+    ]
+    values = {"merge-seconds": "merge (s)", "merge-peak-rss-mb": "peak RSS (MiB)", "acc_merged_global": "merged (%)"}
+    for (dataset, split, cfg), here in scaling.fillna({"cfg": ""}).groupby(["dataset", "split", "cfg"]):
+        table = here.pivot_table(index="num-clients", columns="method", values=list(values), aggfunc="mean")
+        table = table.rename(columns=values, level=0)
+        table.columns = pd.Index([f"{pair[1]} {pair[0]}" for pair in table.columns])
+        lines += [f"### {dataset} {split} {cfg}", "", table.round(1).to_markdown(), ""]
+    lines += ["![universe scaling](universe_scaling.png)", ""]
+    return lines
+
+
 def wall_time_parts(runs: pd.DataFrame) -> pd.DataFrame:
     """Per run: wall seconds split into client training and surrogate building on the critical path (the clients'
     sums divided by how many ran at once), merging, and everything else (start-up, messaging, scoring)."""
@@ -115,10 +136,12 @@ def memory_section(runs: pd.DataFrame) -> list[str]:
         "client-max_peak-rss-mb": "client peak RSS (MiB)",
         "server-peak-gpu-mb": "server peak GPU (MiB)",
     }
+    if "sweep-backend" in runs:
+        runs = runs[runs["sweep-backend"] == "flower"]
     present = [c for c in columns if c in runs]
     table = runs.groupby(["sweep-method", "num-clients"])[present].max().rename(columns=columns)
     return [
-        "## Peak memory (sweep runs, maximum over datasets and splits)",
+        "## Peak memory (Flower sweep runs, maximum over datasets and splits)",
         "",
         "The server process holds Flower's simulation engine, Ray's driver and every client model; a client "
         "process is one Ray actor.",
@@ -138,6 +161,9 @@ def write_performance_report(results: Path) -> Path:
     )
     if scaling.exists():
         lines += scaling_section(read_rows(scaling))
+    universe = results / "universe_scaling.csv"
+    if universe.exists():
+        lines += universe_section(read_rows(universe))
     if overhead.exists():
         lines += overhead_section(read_rows(overhead), results / "overhead.png")
     if sweep.exists():

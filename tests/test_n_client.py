@@ -263,3 +263,29 @@ def test_rounds_report_puts_the_merge_pipeline_next_to_fedavg_round_by_round(tmp
     assert figure.exists() and "## Merge pipeline minus FedAvg (points)" in text
     margin = rounds_report.margin_over_fedavg(rounds_report.read_rows(tmp_path / "runs.csv"))
     assert margin is not None and margin.loc[("wm@universe+kd10", 4)].tolist() == [15.0, 8.0]
+
+
+def test_performance_report_has_a_universe_section_per_method():
+    import pandas as pd
+
+    from simulations.performance_report import universe_section
+
+    rows = pd.DataFrame(
+        [
+            {
+                "dataset": "mnist",
+                "split": "dirichlet",
+                "cfg": "",
+                "num-clients": n,
+                "method": m,
+                "way": "universe",
+                "merge-seconds": n * 1.0,
+                "merge-peak-rss-mb": 500.0 + n,
+                "acc_merged_global": 50.0,
+            }
+            for n in (2, 4)
+            for m in ("wm", "np")
+        ]
+    )
+    text = "\n".join(universe_section(rows))
+    assert "### mnist dirichlet" in text and "np merge (s)" in text and "wm peak RSS (MiB)" in text
