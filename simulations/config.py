@@ -21,6 +21,7 @@ from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
 from fedmerge.train import TrainConfig
+from strategies.defences import SURROGATE_ACTIONS, Defences
 from strategies.schedule import SCHEDULES, Schedule
 
 STRATEGIES: tuple[str, ...] = ("merge", "fedavg")
@@ -83,6 +84,7 @@ _KEYS: dict[str, _Key] = {
     "method": _Key("ste", str, METHODS),
     "schedule": _Key("tree", str, SCHEDULES),
     "alignment": _Key("merge-many", str, UNIVERSE_METHODS),
+    "alignment-iters": _Key(100, int, minimum=1),
     "correction": _Key("auto", str, CORRECTIONS),
     "ste-steps": _Key(200, int, minimum=0),
     "np-steps": _Key(200, int, minimum=0),
@@ -98,6 +100,14 @@ _KEYS: dict[str, _Key] = {
     "distill-label-weight": _Key(1.0, float, minimum=0),
     "distill-bank": _Key(0, int, minimum=0),
     "same-init": _Key(False, bool),
+    # defences against hostile clients (strategies.defences)
+    "defences": _Key(True, bool),
+    "max-count-ratio": _Key(3.0, float, minimum=0),
+    "max-weight-share": _Key(1.0, float, minimum=0, exclusive=True),
+    "norm-outlier-ratio": _Key(10.0, float, minimum=0),
+    "model-check-ratio": _Key(0.25, float, minimum=0),
+    "surrogate-check": _Key("leave-out", str, SURROGATE_ACTIONS),
+    "surrogate-check-ratio": _Key(0.5, float, minimum=0),
     "seed": _Key(0, int),
     "results-dir": _Key("results/runs", str),
     "client-cache": _Key("", str),
@@ -115,7 +125,8 @@ class RunSettings:
     (0: merge in the server process); ``clients_start_from_global``: clients train from the server's weights
     rather than from their own initialisation; ``finetune_epochs``: epochs of fine-tuning the merged model on the
     union of the surrogates (0: none); ``client_cache``: folder of trained client models and surrogates
-    reused across runs ("" for none, see :mod:`simulations.client_cache`).
+    reused across runs ("" for none, see :mod:`simulations.client_cache`); ``defences``: what the server does
+    against hostile clients (:class:`strategies.defences.Defences`).
     """
 
     federation: FederationSpec = field(default_factory=FederationSpec)
@@ -127,6 +138,7 @@ class RunSettings:
     method: MethodName = "ste"
     schedule: Schedule = "tree"
     alignment: UniverseMethod = "merge-many"
+    alignment_iters: int = 100
     correction: Correction = "auto"
     ste_steps: int = 200
     np_steps: int = 200
@@ -142,6 +154,7 @@ class RunSettings:
     distill_label_weight: float = 1.0
     distill_bank: int = 0
     clients_start_from_global: bool = False
+    defences: Defences = field(default_factory=Defences)
     seed: int = 0
     results_dir: str = "results/runs"
     client_cache: str = ""
@@ -182,6 +195,7 @@ class RunSettings:
             np=NPConfig(steps=self.np_steps),
             seed=self.seed,
             alignment=self.alignment,
+            alignment_iters=self.alignment_iters,
         )
 
 
@@ -208,6 +222,29 @@ def _federation(values: Mapping[str, ConfigValue], num_clients: int) -> Federati
         raise ValueError(f"run config 'dataset' / 'split' with {num_clients} clients: {err}") from err
 
 
+def _defences(values: Mapping[str, ConfigValue]) -> Defences:
+    """The defences of the run config; ValueError naming the key for a value out of range."""
+    ranges = {
+        "max-count-ratio": ("0 (no cap) or >= 1", lambda v: v == 0 or v >= 1),
+        "max-weight-share": ("<= 1 (1: no cap)", lambda v: v <= 1),
+        "norm-outlier-ratio": ("0 (no check) or > 1", lambda v: v == 0 or v > 1),
+        "model-check-ratio": ("< 1 (0: no check)", lambda v: v < 1),
+        "surrogate-check-ratio": ("< 1", lambda v: v < 1),
+    }
+    for key, (allowed, ok) in ranges.items():
+        if not ok(float(values[key])):
+            raise ValueError(f"run config {key!r} must be {allowed}, got {values[key]!r}")
+    return Defences(
+        enabled=bool(values["defences"]),
+        max_count_ratio=float(values["max-count-ratio"]),
+        max_weight_share=float(values["max-weight-share"]),
+        norm_outlier_ratio=float(values["norm-outlier-ratio"]),
+        model_ratio=float(values["model-check-ratio"]),
+        surrogate_check=str(values["surrogate-check"]),
+        surrogate_ratio=float(values["surrogate-check-ratio"]),
+    )
+
+
 def settings_from_run_config(run_config: Mapping[str, object], num_clients: int) -> RunSettings:
     """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
     values = _checked(run_config)
@@ -230,6 +267,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         method=cast(MethodName, values["method"]),
         schedule=cast(Schedule, values["schedule"]),
         alignment=cast(UniverseMethod, values["alignment"]),
+        alignment_iters=int(values["alignment-iters"]),
         correction=cast(Correction, values["correction"]),
         ste_steps=int(values["ste-steps"]),
         np_steps=int(values["np-steps"]),
@@ -245,6 +283,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_label_weight=float(values["distill-label-weight"]),
         distill_bank=int(values["distill-bank"]),
         clients_start_from_global=bool(values["same-init"]),
+        defences=_defences(values),
         seed=int(values["seed"]),
         results_dir=str(values["results-dir"]),
         client_cache=str(values["client-cache"]),

@@ -54,6 +54,7 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
         start = global_state if strategy.starts_from_global(server_round) else None
         updates = client_updates(settings, num_clients, server_round, start, strategy.want_surrogate)
         began = time.perf_counter()
+        updates = strategy.defend(updates)  # as aggregate_train does after its reply checks
         global_state = strategy.combine(updates)
         strategy.round_upload_bytes[server_round] = upload_bytes(updates)
         merge_seconds = time.perf_counter() - began

@@ -75,6 +75,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
             image_shape=image_shape,
             num_partitions=num_clients,
             fraction_evaluate=0.0,  # the ClientApp has no evaluate handler: the server scores the models
+            defences=settings.defences,
         )
     return PermutationMerge(
         template,
@@ -90,6 +91,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
         fraction_evaluate=0.0,
         min_train_nodes=num_clients,
         min_available_nodes=num_clients,
+        defences=settings.defences,
     )
 
 

@@ -175,8 +175,10 @@ def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
     config |= {
         key: DEFAULT_RUN_CONFIG[key]
-        for key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule", "distill-steps")
-    }  # unused by FedAvg
+        for key in DEFAULT_RUN_CONFIG
+        if key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule")
+        or key.startswith(("distill-", "alignment"))
+    }  # unused by FedAvg: every merge variant of a federation shares one FedAvg run
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
 

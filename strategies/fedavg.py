@@ -11,8 +11,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
+from fedmerge.device import default_device
 from fedmerge.merge.interpolate import weighted_average
+from strategies.defences import DefenceReport, Defences, apply_defences, describe_defences
 from strategies.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -82,8 +85,11 @@ class SortedFedAvg(FedAvg):
     reply is usable (or combining fails) keeps the global weights: :meth:`aggregate_train` returns them, so
     Flower's ``Result.arrays`` holds the last global model.
 
-    After a round, ``client_updates``, ``left_out`` (client, reason) and ``merge_seconds`` (time spent combining)
-    describe what happened.
+    Before combining, ``defences`` (:mod:`strategies.defences`: outlying weight norms, models and surrogates the
+    other clients disagree with, a cap on one client's merge weight) leave out or adjust hostile or broken clients.
+
+    After a round, ``client_updates``, ``left_out`` (client, reason), ``defence_report`` (what the defences decided)
+    and ``merge_seconds`` (time spent combining) describe what happened.
 
     Parameters
     ----------
@@ -120,6 +126,9 @@ class SortedFedAvg(FedAvg):
     evaluate_metrics_aggr_fn : Optional[callable] (default: None)
         Function with signature (list[RecordDict], str) -> MetricRecord, used to aggregate the MetricRecords of
         evaluation replies. If `None`, defaults to Flower's `aggregate_metricrecords`.
+    defences : Defences | None (default: None)
+        The defences against hostile clients (:class:`strategies.defences.Defences`); None: the defaults (on),
+        ``Defences.off()``: none. Without a model (FedAvg) the checks against surrogates do not run.
     """
 
     want_surrogate = False
@@ -140,6 +149,7 @@ class SortedFedAvg(FedAvg):
         configrecord_key: str = CONFIG_KEY,
         train_metrics_aggr_fn: MetricsAggregation | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
+        defences: Defences | None = None,
     ) -> None:
         send_logs_to_flower()
         super().__init__(
@@ -157,12 +167,18 @@ class SortedFedAvg(FedAvg):
         self.num_classes = num_classes
         self.image_shape = image_shape
         self.num_partitions = num_partitions
+        self.defences = defences if defences is not None else Defences()
+        self.defence_report = DefenceReport([])
         self.client_updates: list[ClientUpdate] = []
         self.left_out: list[tuple[str, str]] = []
         self.merge_seconds = 0.0
         self.round_upload_bytes: dict[int, int] = {}
         self._reference: State = {}
         self._global_arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("defences: %s", describe_defences(self.defences))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -227,8 +243,9 @@ class SortedFedAvg(FedAvg):
             updates, self.left_out = accept_replies(
                 replies, self._reference, self.num_classes, self.image_shape, num_partitions=self.num_partitions
             )
-        self.client_updates = updates
         self.round_upload_bytes[server_round] = upload_bytes(updates)
+        updates = self.defend(updates)
+        self.client_updates = updates
         if not updates:
             log.error(
                 "round %d: no usable client update (%d left out): the global model stays as it was",
@@ -257,7 +274,32 @@ class SortedFedAvg(FedAvg):
         metrics["merge-seconds"] = self.merge_seconds
         metrics["clients-merged"] = len(updates)
         metrics["clients-left-out"] = len(self.left_out)
+        metrics["clients-clipped"] = len(self.defence_report.clipped)
+        metrics["surrogates-dropped"] = len(self.defence_report.surrogates_dropped)
         return ArrayRecord(state), metrics
+
+    def defend(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Apply ``defences`` to the accepted updates: return those to combine (counts clipped, surrogates dropped
+        where the defences say so), add the clients they leave out to ``left_out`` and record ``defence_report``.
+
+        Parameters
+        ----------
+        updates : list[ClientUpdate]
+            The accepted updates, sorted by partition id.
+
+        Returns
+        -------
+        list[ClientUpdate]
+            The updates to combine, in the same order.
+        """
+        self.defence_report = apply_defences(updates, self.defences, self.defence_template(), default_device())
+        self.left_out = self.left_out + self.defence_report.left_out
+        return self.defence_report.updates
+
+    def defence_template(self) -> nn.Module | None:
+        """The architecture the defences load client weights into to check them against the surrogates (None:
+        those checks do not run)."""
+        return None
 
     def aggregate_train_metrics(self, updates: list[ClientUpdate]) -> MetricRecord:
         """The merged clients' metrics aggregated by ``train_metrics_aggr_fn``, with their total sample count.

@@ -15,6 +15,7 @@ from fedmerge.merge.pairwise import MergeConfig
 from fedmerge.models.protocol import derived_spec, has_activation_points, model_spec
 from fedmerge.surrogate.build import last_linear
 from fedmerge.train import TrainConfig
+from strategies.defences import Defences
 from strategies.fedavg import MetricsAggregation, SortedFedAvg, State
 from strategies.messages import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, ClientUpdate
 from strategies.parallel import RayRunner, SequentialRunner
@@ -104,6 +105,9 @@ class PermutationMerge(SortedFedAvg):
     example_input : torch.Tensor | None (default: None)
         A batch of model inputs (e.g. ``torch.zeros(2, 3, 32, 32)``) to derive the permutation spec of a model
         without ``permutation_spec()`` from, at construction.
+    defences : Defences | None (default: None)
+        The defences against hostile clients applied before merging (:class:`strategies.defences.Defences`); None:
+        the defaults (on), ``Defences.off()``: none.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class PermutationMerge(SortedFedAvg):
         train_metrics_aggr_fn: MetricsAggregation | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
         example_input: torch.Tensor | None = None,
+        defences: Defences | None = None,
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
@@ -159,6 +164,7 @@ class PermutationMerge(SortedFedAvg):
             configrecord_key=configrecord_key,
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            defences=defences,
         )
         self.model = model
         self.merge = merge
@@ -177,6 +183,10 @@ class PermutationMerge(SortedFedAvg):
         if (self.finetune is None and self.distill is None) or not self.merge_only_state:
             return None
         return self.merge_only_state
+
+    def defence_template(self) -> nn.Module:
+        """The model template: the defences check client weights against the surrogates with it."""
+        return self.model
 
     def summary(self) -> None:
         super().summary()

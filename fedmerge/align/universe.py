@@ -78,12 +78,16 @@ def align_to_universe(
     method: UniverseMethod = "merge-many",
     weights: list[float] | None = None,
     seed: int = 0,
+    max_iters: int = 100,
 ) -> UniverseAlignment:
-    """Align ``states`` into one universe with ``method`` (one of ``UNIVERSE_METHODS``)."""
+    """Align ``states`` into one universe with ``method`` (one of ``UNIVERSE_METHODS``), in at most ``max_iters``
+    passes (MergeMany) or Frank-Wolfe steps (C2M3)."""
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
     if method == "merge-many":
-        return merge_many(spec, states, weights=weights, seed=seed)
+        return merge_many(spec, states, weights=weights, seed=seed, max_iters=max_iters)
     if method == "c2m3":
-        return c2m3(spec, states, weights=weights, seed=seed)
+        return c2m3(spec, states, weights=weights, seed=seed, max_iters=max_iters)
     raise ValueError(f"unknown universe alignment method {method!r}; choose one of {', '.join(UNIVERSE_METHODS)}")
 
 

@@ -179,7 +179,10 @@ def _universe(inputs: ManyInputs) -> tuple[list[Perms], float]:
     """Every client's permutation into a shared universe (matched on parameters only) and the seconds it took."""
     start = time.perf_counter()
     params = [split_state(inputs.model, s)[0] for s in inputs.states]
-    alignment = align_to_universe(inputs.spec, params, inputs.alignment, inputs.weights, inputs.config.seed)
+    config = inputs.config
+    alignment = align_to_universe(
+        inputs.spec, params, inputs.alignment, inputs.weights, config.seed, config.alignment_iters
+    )
     return alignment.perms, time.perf_counter() - start
 
 

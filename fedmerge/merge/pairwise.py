@@ -45,9 +45,12 @@ class MergeConfig:
     np: NPConfig = field(default_factory=NPConfig)
     seed: int = 0
     alignment: UniverseMethod = "merge-many"
+    alignment_iters: int = 100
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        if self.alignment_iters < 1:
+            raise ValueError(f"alignment_iters must be >= 1, got {self.alignment_iters}")
         if self.alignment not in UNIVERSE_METHODS:
             raise ValueError(f"unknown alignment {self.alignment!r}; choose from {UNIVERSE_METHODS}")
         if self.correction not in CORRECTIONS:
