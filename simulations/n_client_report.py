@@ -68,7 +68,8 @@ def _recipe_label(row: pd.Series) -> str:
 
     return (
         f" (shift {value('cfg_distill-shift', 2):g}, labels x{value('cfg_distill-label-weight', 1):g}, "
-        f"bank {value('cfg_distill-bank', 0):g}, {row['cfg_epochs']} epochs)"
+        f"bank {value('cfg_distill-bank', 0):g}, alignment passes {value('cfg_alignment-iters', 100):g}, "
+        f"{row['cfg_epochs']} epochs)"
     )
 
 
