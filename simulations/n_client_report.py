@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.artist import Artist
 
 from simulations.results_io import read_rows
 
@@ -119,9 +120,13 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
     rows = -(-len(settings) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
     for ax, setting in zip(axes.flat, settings, strict=False):
-        here = runs[runs["setting"] == setting]
-        main_pipeline = here["pipeline"].value_counts().index[0]
-        here = here[here["pipeline"] == main_pipeline]
+        everything = runs[runs["setting"] == setting]
+        main_pipeline = everything["pipeline"].value_counts().index[0]
+        here = everything[everything["pipeline"] == main_pipeline]
+        others = everything[everything["sweep-method"] != here["sweep-method"].iloc[0]]
+        for method, other in others.groupby("sweep-method"):  # other merges, before distillation
+            line = other.groupby("num-clients")["acc_merge-only_global"].mean()
+            ax.plot(line.index, line.values, ":", marker="s", label=f"merge only, {str(method).split('+')[0]}")
         for column, name in ABLATION.items():
             if column not in here or here[column].isna().all():
                 continue
@@ -136,8 +141,11 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(settings) :]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    legend: dict[str, Artist] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=5, fontsize=8)
     fig.suptitle("One-shot N-client merging: the ablation (solid: our pipeline and its merge alone)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     fig.savefig(path, dpi=120)
