@@ -7,7 +7,7 @@ Importing this package routes the library's logs into Flower's log output (:func
 from strategies.client_helper import merge_reply
 from strategies.fedavg import SortedFedAvg, send_logs_to_flower
 from strategies.merge_strategy import PermutationMerge
-from strategies.messages import ClientUpdate, InvalidReply, client_reply, read_reply, reply_keys
+from strategies.messages import ClientUpdate, InvalidReply, client_reply, read_reply
 from strategies.parallel import RayRunner, SequentialRunner, make_runner
 from strategies.schedule import SCHEDULES, MergeNode, MergeStep, run_schedule
 
@@ -27,7 +27,6 @@ __all__ = [
     "make_runner",
     "merge_reply",
     "read_reply",
-    "reply_keys",
     "run_schedule",
     "send_logs_to_flower",
 ]

@@ -25,7 +25,6 @@ from strategies.messages import (
     WANT_SURROGATE,
     ClientUpdate,
     mean_metrics,
-    reply_keys,
 )
 from strategies.validation import accept_replies
 
@@ -239,10 +238,15 @@ class SortedFedAvg(FedAvg):
             The new global weights, and the round's metrics: those of ``train_metrics_aggr_fn`` plus the total
             sample count (``weighted_by_key``), ``merge-seconds``, ``clients-merged`` and ``clients-left-out``.
         """
-        with reply_keys(self.arrayrecord_key, self.weighted_by_key):
-            updates, self.left_out = accept_replies(
-                replies, self._reference, self.num_classes, self.image_shape, num_partitions=self.num_partitions
-            )
+        updates, self.left_out = accept_replies(
+            replies,
+            self._reference,
+            self.num_classes,
+            self.image_shape,
+            num_partitions=self.num_partitions,
+            arrays_key=self.arrayrecord_key,
+            num_examples_key=self.weighted_by_key,
+        )
         self.round_upload_bytes[server_round] = upload_bytes(updates)
         updates = self.defend(updates)
         self.client_updates = updates

@@ -9,9 +9,9 @@ A client's reply to a ``train`` message carries:
 
 Plain Flower clients that send only weights and ``num-examples`` are read too: they have no surrogate, and
 their partition id falls back to the node id. The weights' record key and the sample count's metric key can be
-changed (a strategy's ``arrayrecord_key`` and ``weighted_by_key``): pass them to :func:`read_reply`, or read inside
-``with reply_keys(...)``. A reply with a single weights ArrayRecord is read whatever its key (as Flower's FedAvg
-does).
+changed (a strategy's ``arrayrecord_key`` and ``weighted_by_key``): pass them to :func:`read_reply` (or
+:func:`strategies.validation.accept_replies`). A reply with a single weights ArrayRecord is read whatever its
+key (as Flower's FedAvg does).
 
 :func:`read_reply` checks what can be checked without the server's model, and raises :class:`InvalidReply` (naming
 the client) for anything else than this: ``num-examples`` a whole number in 1..2**53 and ``partition-id`` a whole
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,42 +54,6 @@ MAX_NUM_EXAMPLES = 2**53
 """Largest ``num-examples`` accepted: every count up to it is exact as a float (the weights of an average)."""
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReplyKeys:
-    """Where a reply keeps its weights (ArrayRecord key) and its sample count (MetricRecord key)."""
-
-    arrays: str = ARRAYS_KEY
-    num_examples: str = NUM_EXAMPLES
-
-
-_REPLY_KEYS: ContextVar[ReplyKeys | None] = ContextVar("fedmerge_reply_keys", default=None)
-
-
-@contextmanager
-def reply_keys(arrays: str = ARRAYS_KEY, num_examples: str = NUM_EXAMPLES) -> Iterator[ReplyKeys]:
-    """Within the block, :func:`read_reply` (and so :func:`strategies.validation.accept_replies`) reads the weights
-    under ``arrays`` and the sample count under ``num_examples`` unless told otherwise.
-
-    Parameters
-    ----------
-    arrays : str (default: "arrays")
-        The key of the weights' ArrayRecord (a strategy's ``arrayrecord_key``).
-    num_examples : str (default: "num-examples")
-        The MetricRecord key of the sample count (a strategy's ``weighted_by_key``).
-
-    Returns
-    -------
-    Iterator[ReplyKeys]
-        A context manager yielding the keys in force.
-    """
-    keys = ReplyKeys(arrays, num_examples)
-    token = _REPLY_KEYS.set(keys)
-    try:
-        yield keys
-    finally:
-        _REPLY_KEYS.reset(token)
 
 
 class InvalidReply(ValueError):
@@ -266,8 +228,8 @@ def read_reply(
     message: Message,
     num_classes: int,
     *,
-    arrays_key: str | None = None,
-    num_examples_key: str | None = None,
+    arrays_key: str = ARRAYS_KEY,
+    num_examples_key: str = NUM_EXAMPLES,
 ) -> ClientUpdate:
     """Read a client's ``train`` reply; raises InvalidReply (with the reason) for an error reply or bad content.
 
@@ -279,20 +241,16 @@ def read_reply(
         The reply.
     num_classes : int
         The number of classes (surrogate labels must lie below it).
-    arrays_key : str | None (default: None)
-        The weights' ArrayRecord key; None: the one set by :func:`reply_keys` ("arrays" outside it). A reply with
-        a single weights ArrayRecord is read whatever its key.
-    num_examples_key : str | None (default: None)
-        The MetricRecord key of the sample count; None: the one set by :func:`reply_keys` ("num-examples").
+    arrays_key : str (default: "arrays")
+        The weights' ArrayRecord key. A reply with a single weights ArrayRecord is read whatever its key.
+    num_examples_key : str (default: "num-examples")
+        The MetricRecord key of the sample count.
 
     Returns
     -------
     ClientUpdate
         The client's weights, sample count, partition id, surrogate and other (finite) metrics.
     """
-    keys = _REPLY_KEYS.get() or ReplyKeys()
-    arrays_key = arrays_key if arrays_key is not None else keys.arrays
-    num_examples_key = num_examples_key if num_examples_key is not None else keys.num_examples
     node_id = message.metadata.src_node_id
     if message.has_error():
         raise InvalidReply(f"node {node_id} failed: {message.error.reason}")

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from flwr.app import Message
 
-from strategies.messages import ClientUpdate, InvalidReply, read_reply
+from strategies.messages import ARRAYS_KEY, NUM_EXAMPLES, ClientUpdate, InvalidReply, read_reply
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def accept_replies(
     max_surrogate_total: int | None = MAX_SURROGATE_TOTAL,
     max_abs_weight: float = MAX_ABS_WEIGHT,
     num_partitions: int | None = None,
+    arrays_key: str = ARRAYS_KEY,
+    num_examples_key: str = NUM_EXAMPLES,
 ) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
     """Read and check every reply; return the usable updates sorted by partition id, and (client, reason) for
     each reply left out. Every left-out reply, and every dropped surrogate, is logged at WARNING level with its
@@ -167,7 +169,8 @@ def accept_replies(
     Surrogate images must have shape ``image_shape`` (C, H, W); when it is None, the shape of the first accepted
     client's surrogate. ``max_surrogate_per_class`` / ``max_surrogate_total`` (None: no cap) bound a surrogate's
     size: a larger one is dropped, the client's weights are kept. With ``num_partitions``, a reply whose partition
-    id is not in ``0..num_partitions-1`` is left out.
+    id is not in ``0..num_partitions-1`` is left out. ``arrays_key`` and ``num_examples_key`` say where a reply
+    keeps its weights and its sample count (:func:`strategies.messages.read_reply`).
     """
     accepted: list[ClientUpdate] = []
     rejected: list[tuple[str, str]] = []
@@ -179,7 +182,7 @@ def accept_replies(
 
     for index, message in enumerate(replies):
         try:
-            readable.append(read_reply(message, num_classes))
+            readable.append(read_reply(message, num_classes, arrays_key=arrays_key, num_examples_key=num_examples_key))
         except InvalidReply as err:
             leave_out(err.who or _sender(message, index), str(err))
         except Exception as err:  # the last line of defence: a reply never ends the round

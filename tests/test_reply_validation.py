@@ -227,10 +227,10 @@ def test_any_exception_while_reading_leaves_only_that_reply_out(monkeypatch):
 
     real = validation.read_reply
 
-    def flaky(message, num_classes):
+    def flaky(message, num_classes, **keys):
         if message.metadata.src_node_id == node_of(1):
             raise RuntimeError("decoder exploded")
-        return real(message, num_classes)
+        return real(message, num_classes, **keys)
 
     monkeypatch.setattr(validation, "read_reply", flaky)
     accepted, reasons, _ = check([reply(0), reply(1), None, reply(2)])
