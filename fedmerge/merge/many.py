@@ -14,10 +14,8 @@ from torch import nn
 
 from fedmerge.align.permute import Perms, State
 from fedmerge.data.images import LabeledImages
-from fedmerge.merge.functional import load_state
-from fedmerge.merge.methods import ManyInputs, get_method
-from fedmerge.merge.pairwise import MergeConfig, check_compatible
-from fedmerge.merge.repair import has_batchnorm, reset_batchnorm
+from fedmerge.merge.methods import ManyInputs, example_batch, get_method, runnable_method
+from fedmerge.merge.pairwise import MergeConfig, check_compatible, correct
 from fedmerge.models.protocol import model_spec
 
 log = logging.getLogger(__name__)
@@ -83,37 +81,21 @@ def merge_models(
         raise ValueError("nothing to merge: no client models")
     if len(weights) != len(states):
         raise ValueError(f"need one weight per model: {len(weights)} weights for {len(states)} models")
-    spec = model_spec(model, surrogate.x[:2] if surrogate is not None and len(surrogate) else example_input)
+    spec = model_spec(model, example_batch(surrogate, example_input))
     for state in states[1:]:
         check_compatible(spec, states[0], state)
-    method = get_method(config.method)
-    if method.merge_many is None:
-        raise ValueError(f"merge method {method.name!r} has no N-model form; use a pairwise schedule (tree)")
-    has_data = surrogate is not None and len(surrogate) > 0
-    if method.needs_data and not has_data:
-        log.warning(
-            "merge method %r needs surrogate data but none was given: falling back to data-free weight matching",
-            method.name,
-        )
-        method = get_method("wm")
+    if get_method(config.method).merge_many is None:
+        raise ValueError(f"merge method {config.method!r} has no N-model form; use a pairwise schedule (tree)")
+    data = surrogate if surrogate is not None and len(surrogate) > 0 else None
+    method = runnable_method(config.method, data is not None)
     assert method.merge_many is not None
     on_device = [{k: v.to(device) for k, v in s.items()} for s in states]
-    data = surrogate if has_data else None
-    inputs = ManyInputs(model, spec, on_device, [float(w) for w in weights], data, config.alignment, config, device)
-    out = method.merge_many(inputs)
-    merged = out.merged
+    out = method.merge_many(ManyInputs(model, spec, on_device, [float(w) for w in weights], data, config, device))
     correction = config.correction
-    if correction == "auto":
-        correction = "bn-reset" if has_batchnorm(model) else "none"
     if correction == "repair":
         log.warning("REPAIR is defined for pairs of models: a BatchNorm reset corrects the N-model merge instead")
         correction = "bn-reset"
-    if correction == "bn-reset":
-        if data is None:
-            log.warning("correction 'bn-reset' needs surrogate data but none was given: skipped")
-        else:
-            net = reset_batchnorm(load_state(model, merged), data, device=device)
-            merged = net.state_dict()
+    merged = correct(model, out.merged, data, correction, device)
     return ManyResult(
         {k: v.detach().cpu() for k, v in merged.items()},
         out.perms,

@@ -12,6 +12,7 @@ reads the list from :data:`MERGE_METHODS`; adding a method means registering one
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from fedmerge.align.permute import Perms, State, apply_permutation, identity_perms
-from fedmerge.align.universe import UniverseMethod, align_to_universe
+from fedmerge.align.universe import align_to_universe
 from fedmerge.align.weight_matching import weight_matching
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import load_state, split_state
@@ -33,6 +34,8 @@ from fedmerge.models.spec import PermutationSpec
 
 if TYPE_CHECKING:
     from fedmerge.merge.pairwise import MergeConfig
+
+log = logging.getLogger(__name__)
 
 MethodName = Literal["average", "wm", "am", "ste", "np", "ste+np"]
 """The names of the registered merge methods (kept in step with :data:`MERGE_METHODS` by a test)."""
@@ -69,15 +72,14 @@ PairFunction = Callable[[PairInputs], PairOutput]
 @dataclass(frozen=True)
 class ManyInputs:
     """What an N-model merge works on: the architecture, its spec, every client's state dict (on ``device``),
-    their weights (sample counts), the union of their surrogates (``None`` for data-free methods), how to align
-    them into one universe and the merge settings."""
+    their weights (sample counts), the union of their surrogates (``None`` for data-free methods) and the merge
+    settings (``config.alignment`` says how to align them into one universe)."""
 
     model: nn.Module
     spec: PermutationSpec
     states: list[State]
     weights: list[float]
     surrogate: LabeledImages | None
-    alignment: UniverseMethod
     config: MergeConfig
     device: torch.device | str
 
@@ -109,7 +111,7 @@ class MergeMethod:
     merge_many: ManyFunction | None = None
 
 
-def _surrogate(inputs: PairInputs) -> LabeledImages:
+def _surrogate(inputs: PairInputs | ManyInputs) -> LabeledImages:
     if inputs.surrogate is None:
         raise ValueError("this merge method needs surrogate data")
     return inputs.surrogate
@@ -181,7 +183,7 @@ def _universe(inputs: ManyInputs) -> tuple[list[Perms], float]:
     params = [split_state(inputs.model, s)[0] for s in inputs.states]
     config = inputs.config
     alignment = align_to_universe(
-        inputs.spec, params, inputs.alignment, inputs.weights, config.seed, config.alignment_iters
+        inputs.spec, params, config.alignment, inputs.weights, config.seed, config.alignment_iters
     )
     return alignment.perms, time.perf_counter() - start
 
@@ -189,12 +191,6 @@ def _universe(inputs: ManyInputs) -> tuple[list[Perms], float]:
 def _averaged(inputs: ManyInputs, perms: list[Perms], losses: list[float], align_seconds: float) -> ManyOutput:
     aligned = [apply_permutation(inputs.spec, p, s) for p, s in zip(perms, inputs.states, strict=True)]
     return ManyOutput(perms, weighted_average(aligned, inputs.weights), losses, align_seconds)
-
-
-def _many_surrogate(inputs: ManyInputs) -> LabeledImages:
-    if inputs.surrogate is None:
-        raise ValueError("this merge method needs surrogate data")
-    return inputs.surrogate
 
 
 def _many_average(inputs: ManyInputs) -> ManyOutput:
@@ -214,7 +210,7 @@ def _many_ste(inputs: ManyInputs) -> ManyOutput:
         inputs.spec,
         inputs.states,
         inputs.weights,
-        _many_surrogate(inputs),
+        _surrogate(inputs),
         perms,
         config.ste,
         config.seed,
@@ -227,7 +223,7 @@ def _many_np_after(inputs: ManyInputs, first: ManyOutput) -> ManyOutput:
     aligned = [apply_permutation(inputs.spec, p, s) for p, s in zip(first.perms, inputs.states, strict=True)]
     config = inputs.config
     merged, losses = joint_np_merge(
-        inputs.model, aligned, inputs.weights, _many_surrogate(inputs), config.np, config.seed, inputs.device
+        inputs.model, aligned, inputs.weights, _surrogate(inputs), config.np, config.seed, inputs.device
     )
     return ManyOutput(first.perms, merged, first.losses + losses, first.align_seconds)
 
@@ -307,6 +303,24 @@ def get_method(name: str) -> MergeMethod:
         return MERGE_METHODS[name]
     except KeyError:
         raise ValueError(f"unknown merge method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def runnable_method(name: str, has_data: bool) -> MergeMethod:
+    """The method called ``name``, or data-free weight matching (with a log line) when it needs surrogate data and
+    there is none."""
+    method = get_method(name)
+    if method.needs_data and not has_data:
+        log.warning(
+            "merge method %r needs surrogate data but none was given: falling back to data-free weight matching",
+            method.name,
+        )
+        return get_method("wm")
+    return method
+
+
+def example_batch(surrogate: LabeledImages | None, example_input: torch.Tensor | None) -> torch.Tensor | None:
+    """The inputs a model's spec is derived from: the surrogate's first two images, else ``example_input``."""
+    return surrogate.x[:2] if surrogate is not None and len(surrogate) else example_input
 
 
 def methods_table() -> str:

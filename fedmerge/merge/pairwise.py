@@ -14,7 +14,15 @@ from fedmerge.align.permute import Perms, State, apply_permutation
 from fedmerge.align.universe import UNIVERSE_METHODS, UniverseMethod
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.functional import load_state
-from fedmerge.merge.methods import DATA_METHODS, METHODS, MethodName, PairInputs, get_method
+from fedmerge.merge.methods import (
+    DATA_METHODS,
+    METHODS,
+    MethodName,
+    PairInputs,
+    example_batch,
+    get_method,
+    runnable_method,
+)
 from fedmerge.merge.np_merge import NPConfig
 from fedmerge.merge.repair import has_batchnorm, repair, reset_batchnorm
 from fedmerge.merge.ste import STEConfig
@@ -110,23 +118,15 @@ def merge_pair(
         The merged weights, the permutation applied to B, the method that ran and its wall time.
     """
     start = time.perf_counter()
-    spec = model_spec(model, surrogate.x[:2] if surrogate is not None and len(surrogate) else example_input)
+    spec = model_spec(model, example_batch(surrogate, example_input))
     check_compatible(spec, state_a, state_b)
     state_a = {k: v.to(device) for k, v in state_a.items()}
     state_b = {k: v.to(device) for k, v in state_b.items()}
-    method = get_method(config.method)
-    has_data = surrogate is not None and len(surrogate) > 0
-    if method.needs_data and not has_data:
-        log.warning(
-            "merge method %r needs surrogate data but none was given: falling back to data-free weight matching",
-            method.name,
-        )
-        method = get_method("wm")
-    out = method.merge(PairInputs(model, spec, state_a, state_b, surrogate if has_data else None, lam, config, device))
+    data = surrogate if surrogate is not None and len(surrogate) > 0 else None
+    method = runnable_method(config.method, data is not None)
+    out = method.merge(PairInputs(model, spec, state_a, state_b, data, lam, config, device))
     aligned_b = apply_permutation(spec, out.perms, state_b)
-    merged = _correct(
-        model, out.merged, state_a, aligned_b, surrogate if has_data else None, lam, config.correction, device
-    )
+    merged = correct(model, out.merged, data, config.correction, device, repair_with=(state_a, aligned_b, lam))
     return MergeResult(
         {k: v.detach().cpu() for k, v in merged.items()},
         out.perms,
@@ -149,17 +149,16 @@ def check_compatible(spec: PermutationSpec, state_a: State, state_b: State) -> N
         )
 
 
-def _correct(
+def correct(
     model: nn.Module,
     merged: State,
-    state_a: State,
-    aligned_b: State,
     data: LabeledImages | None,
-    lam: float,
     correction: Correction,
     device: torch.device | str,
+    repair_with: tuple[State, State, float] | None = None,
 ) -> State:
-    """Apply the post-merge correction named by ``correction``."""
+    """Apply the post-merge correction named by ``correction`` (``auto``: a BatchNorm reset when the model has
+    BatchNorm) on ``data``; REPAIR needs ``repair_with`` = (A, aligned B, B's weight), the pair that was merged."""
     if correction == "auto":
         correction = "bn-reset" if has_batchnorm(model) else "none"
     if correction == "none":
@@ -171,5 +170,8 @@ def _correct(
     if correction == "bn-reset":
         net = reset_batchnorm(net, data, device=device)
     else:
+        if repair_with is None:
+            raise ValueError("REPAIR corrects the merge of a pair: pass the pair as repair_with")
+        state_a, aligned_b, lam = repair_with
         net = repair(net, load_state(model, state_a), load_state(model, aligned_b), data, lam, device=device)
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
