@@ -368,6 +368,22 @@ def predictions(
     return Predictions(probs, labels, num_classes)
 
 
+def _enough_surrogates(
+    updates: list[ClientUpdate], min_clients: int, what: str, skipped: list[str] | None
+) -> list[int] | None:
+    """The partition ids of the clients that sent a surrogate, or None (logged) when there are fewer than
+    ``min_clients`` clients or surrogates to judge with."""
+    with_data = [u.partition_id for u in updates if u.surrogate is not None]
+    if len(updates) < min_clients or len(with_data) < min_clients:
+        _skip(
+            skipped,
+            f"{what} skipped: {len(with_data)} of {len(updates)} client(s) sent a surrogate, "
+            f"it needs at least {min_clients}",
+        )
+        return None
+    return with_data
+
+
 def _judgeable(scores: dict[int, float], chance: float, what: str, skipped: list[str] | None) -> float | None:
     """The median score, or None (logged) when the clients agree too little with each other to judge anyone."""
     reference = statistics.median(scores.values())
@@ -407,8 +423,7 @@ def model_outliers(
     A model's score is the median of its accuracies on the other clients' surrogates; a client whose score above
     chance (1 / classes) is below ``ratio`` x the median score's (over all ``updates``) is left out. Skipped with
     fewer than ``min_clients`` surrogates or when the median score is below halfway from chance to 100 %. ``preds``
-    must cover
-    ``updates`` (:func:`predictions`).
+    must cover ``updates`` (:func:`predictions`).
 
     Returns
     -------
@@ -416,13 +431,8 @@ def model_outliers(
         The clients kept (in order) and (client, reason) for each client left out.
     """
     updates = list(updates)
-    with_data = [u.partition_id for u in updates if u.surrogate is not None]
-    if len(updates) < min_clients or len(with_data) < min_clients:
-        _skip(
-            skipped,
-            f"model check skipped: {len(with_data)} of {len(updates)} client(s) sent a surrogate, "
-            f"it needs at least {min_clients}",
-        )
+    with_data = _enough_surrogates(updates, min_clients, "model check", skipped)
+    if with_data is None:
         return updates, []
     scores = {
         u.partition_id: statistics.median(preds.accuracy(u.partition_id, k) for k in with_data if k != u.partition_id)
@@ -471,13 +481,8 @@ def surrogate_outliers(
         The clients whose surrogate passed or who sent none (in order), and (client, reason) for each flagged one.
     """
     updates = list(updates)
-    with_data = [u.partition_id for u in updates if u.surrogate is not None]
-    if len(updates) < min_clients or len(with_data) < min_clients:
-        _skip(
-            skipped,
-            f"surrogate check skipped: {len(with_data)} of {len(updates)} client(s) sent a surrogate, "
-            f"it needs at least {min_clients}",
-        )
+    with_data = _enough_surrogates(updates, min_clients, "surrogate check", skipped)
+    if with_data is None:
         return updates, []
     judges = [u.partition_id for u in updates]
     chance = 1.0 / preds.num_classes
