@@ -105,10 +105,11 @@ def ablation_table(runs: pd.DataFrame, setting: str) -> str:
 
 
 def cost_table(runs: pd.DataFrame) -> str:
-    """Markdown: merge (alignment + merge + distillation) seconds and server peak memory per pipeline and N."""
+    """Markdown: merge (alignment + merge + distillation) seconds and server peak memory per setting, pipeline
+    and N."""
     columns = {"merge-seconds": "merge + distillation (s)", "server-peak-rss-mb": "process peak RSS (MiB)"}
     present = [c for c in columns if c in runs]
-    table = runs.groupby(["pipeline", "num-clients"])[present].mean().rename(columns=columns)
+    table = runs.groupby(["setting", "pipeline", "num-clients"])[present].mean().rename(columns=columns)
     return table.round(1).reset_index().rename(columns={"num-clients": "clients"}).to_markdown(index=False)
 
 
