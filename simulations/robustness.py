@@ -61,6 +61,8 @@ from strategies.messages import ClientUpdate, client_reply
 
 State = dict[str, torch.Tensor]
 Attack = Callable[[ClientUpdate, int, torch.nn.Module, int], ClientUpdate]
+GOAL_MAX_COST = 3.0
+"""The issue's goal: with the defences on, one hostile client costs at most this many points."""
 NODE_BASE = 1000
 """Client k's replies come from node ``NODE_BASE + k`` (a duplicate claimant from another node)."""
 
@@ -269,6 +271,16 @@ def write_report(rows: pd.DataFrame, path: Path) -> Path:
         if not clean_on.empty:
             fp = int(clean_on.iloc[-1]["false-positives"])
             lines += ["", f"False positives on the clean run (honest clients left out or clipped): {fp}."]
+        attacked_on = group[(group["attack"] != "clean") & (group["defences"] == "on")]
+        if not attacked_on.empty:
+            worst = attacked_on.sort_values("change-vs-clean").iloc[0]
+            met = worst["change-vs-clean"] >= -GOAL_MAX_COST
+            lines += [
+                "",
+                f"Goal (defences on: no single hostile client costs more than {GOAL_MAX_COST:g} points): "
+                + ("met" if met else f"missed by {-worst['change-vs-clean'] - GOAL_MAX_COST:.1f} points")
+                + f"; the costliest attack is {worst['attack']} ({worst['change-vs-clean']:+.1f}).",
+            ]
     path.write_text("\n".join(lines) + "\n")
     return path
 

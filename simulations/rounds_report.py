@@ -70,7 +70,15 @@ def rounds_markdown(runs: pd.DataFrame, figure: Path) -> str:
     ]
     margin = margin_over_fedavg(runs)
     if margin is not None:
-        lines += ["## Merge pipeline minus FedAvg (points)", "", margin.round(2).to_markdown(), ""]
+        gaps = pd.Series(margin.to_numpy().ravel()).dropna()
+        behind = gaps[gaps < 0]
+        verdict = (
+            "Goal (match or beat FedAvg after every round): met."
+            if behind.empty
+            else f"Goal (match or beat FedAvg after every round): missed at {len(behind)} round(s), by up to "
+            f"{-behind.min():.2f} points."
+        )
+        lines += ["## Merge pipeline minus FedAvg (points)", "", margin.round(2).to_markdown(), "", verdict, ""]
     lines += ["## Bytes uploaded so far, all clients (MiB)", "", uploads.round(2).to_markdown(), ""]
     return "\n".join(lines)
 

@@ -289,3 +289,17 @@ def test_performance_report_has_a_universe_section_per_method():
     )
     text = "\n".join(universe_section(rows))
     assert "### mnist dirichlet" in text and "np merge (s)" in text and "wm peak RSS (MiB)" in text
+
+
+def test_rounds_report_says_whether_the_merge_matched_fedavg_every_round(tmp_path):
+    from simulations import rounds_report
+    from simulations.results_io import save_rows
+
+    base = {"cfg_dataset": "mnist", "cfg_seed": 0, "num-clients": 4}
+    rows = [
+        base | {"sweep-method": "fedavg", "acc_round1_global": 70.0, "acc_round2_global": 90.0},
+        base | {"sweep-method": "wm", "acc_round1_global": 85.0, "acc_round2_global": 88.5},
+    ]
+    save_rows(tmp_path / "runs.csv", rows)
+    _, page = rounds_report.write_report(tmp_path / "runs.csv")
+    assert "missed at 1 round(s), by up to 1.50 points" in page.read_text()
