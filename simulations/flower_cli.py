@@ -6,16 +6,15 @@ it afterwards; it exits 0 even when the run fails, so callers check the files a 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from simulations.process_tree import ProcessTree, run_tree
 
 PROJECT = Path(__file__).resolve().parents[1]
 """The Flower app's project folder (where ``pyproject.toml`` declares it)."""
@@ -102,15 +101,13 @@ def superlink_pids(flwr_home: Path) -> list[int]:
     return pids
 
 
-def stop_superlinks(flwr_home: Path, timeout: float = 20.0) -> None:
-    """Stop the SuperLinks using ``flwr_home`` with their whole process group (the simulation and its Ray workers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in superlink_pids(flwr_home):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(pid), sig)
-        deadline = time.monotonic() + timeout
-        while superlink_pids(flwr_home) and time.monotonic() < deadline:
-            time.sleep(0.5)
+def stop_superlinks(flwr_home: Path, timeout: float = 10.0) -> None:
+    """Stop the SuperLinks using ``flwr_home`` with every process they started (the simulation, Ray's processes and
+    client actors, whatever their process group): SIGTERM, then SIGKILL to what is left after ``timeout`` seconds
+    (:class:`simulations.process_tree.ProcessTree`)."""
+    tree = ProcessTree()
+    tree.add(superlink_pids(flwr_home))
+    tree.stop(grace=timeout)
 
 
 def flwr_run(
@@ -125,26 +122,26 @@ def flwr_run(
 ) -> bool:
     """Run the app once with ``flwr run --stream`` from ``cwd`` (default: this process's working directory, which
     becomes the SuperLink's when it starts it: relative paths such as the default data folders resolve there), its
-    output going to ``log_path``. False when the command failed or ran past ``timeout`` seconds (the SuperLink,
-    and with it the run, is then stopped). A True does not mean the run succeeded: check its results files."""
+    output going to ``log_path``. False when the command failed or ran past ``timeout`` seconds. On a timeout, and
+    when waiting is interrupted (Ctrl-C, or SIGTERM under :func:`simulations.process_tree.sigterm_raises`), the
+    command and every process it started, the SuperLink of ``flwr_home`` with its simulation and Ray workers
+    included, are stopped before this returns or re-raises, so no orphan writes a result afterwards. A True does not
+    mean the run succeeded: check its results files."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = flwr_run_command(run_config, num_supernodes, client_cpus, client_gpus)
     with log_path.open("w") as log_file:
-        try:
-            finished = subprocess.run(
-                command,
-                cwd=cwd or Path.cwd(),
-                env=flower_environment(flwr_home),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            log_file.write(f"\n[fedmerge] flwr run ran past {timeout:.0f} s: stopping the SuperLink\n")
-            stop_superlinks(flwr_home)
-            return False
-    return finished.returncode == 0
+        returncode = run_tree(
+            command,
+            timeout,
+            extra_roots=lambda: superlink_pids(flwr_home),
+            cwd=cwd or Path.cwd(),
+            env=flower_environment(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        if returncode is None:
+            log_file.write(f"\n[fedmerge] flwr run ran past {timeout:.0f} s: stopped it with its SuperLink\n")
+    return returncode == 0
 
 
 def default_flwr_home() -> Path:

@@ -41,6 +41,7 @@ from fedmerge.progress import progress_enabled
 from fedmerge.surrogate import SURROGATE_KINDS
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlinks
+from simulations.process_tree import Terminated, sigterm_raises
 from simulations.results_io import read_rows, save_rows
 from strategies.schedule import SCHEDULES
 
@@ -514,7 +515,15 @@ def main(argv: Iterable[str] | None = None) -> int:
         fedavg_rounds=args.fedavg_rounds,
         data_root=data_root,
     )
-    failures = run_sweep(runs, options, console)
+    try:
+        with sigterm_raises():  # SIGTERM cleans up as Ctrl-C does: flwr_run stops every process the run started
+            failures = run_sweep(runs, options, console)
+    except (KeyboardInterrupt, Terminated) as stop:
+        console.print(
+            f"[red]interrupted[/red] ({type(stop).__name__}): the run in progress and every process it started are "
+            "stopped; finished rows are kept and a rerun continues"
+        )
+        return 130
     if not args.no_report and options.csv_path.exists():
         from simulations.sweep_report import write_report
 
