@@ -225,6 +225,27 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     assert figure.exists() and "## mnist dirichlet(0.5), 1/class" in page.read_text()
 
 
+def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_path):
+    from simulations import one_shot_report
+    from simulations.results_io import save_rows
+
+    def row(dataset: str, alpha: float, seed: int, merged: float) -> dict:
+        base = _distilled_row(5, merged=merged, fresh=merged - 1, pooled=60.0, ensemble=90.0, fedavg=50.0)
+        return {**base, "cfg_dataset": dataset, "cfg_alpha": alpha, "cfg_seed": seed, "cfg_surrogate": "random"}
+
+    rows = [row("mnist", 0.1, s, m) for s, m in ((0, 70.0), (1, 60.0))]  # mean 65.0: short of DENSE's 66.6
+    rows += [row("mnist", 0.5, 0, 96.0), row("fashion-mnist", 0.5, 0, 86.0)]  # beat 95.8 and 85.9
+    save_rows(tmp_path / "runs.csv", rows)
+    figure, page = one_shot_report.write_report(tmp_path / "runs.csv")
+    text = page.read_text()
+    assert figure.exists() and "## mnist" in text and "## fashion-mnist" in text
+    assert "short of DENSE at alpha 0.1 by 1.6 (alpha 0.3 not run)" in text
+    fashion = "wm@universe+kd100, random 1/class: matches or beats DENSE at every alpha run (alpha 0.1, 0.3 not run)"
+    assert fashion in text
+    ours = one_shot_report.our_rows(one_shot_report.load_distilled_runs(tmp_path / "runs.csv"))
+    assert ours.loc[("mnist", "wm@universe+kd100", "random 1/class", "merge + distillation"), 0.1] == 65.0
+
+
 def test_flower_cli_stops_nothing_of_an_unused_flower_home(tmp_path, capsys):
     from simulations.flower_cli import main
 
