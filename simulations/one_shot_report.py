@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -75,7 +76,8 @@ def verdict(ours: pd.DataFrame, dataset: str) -> list[str]:
     dense = DENSE_TABLE1[(dataset, "DENSE")]
     lines = []
     here = ours.xs(dataset, level="cfg_dataset")
-    for (pipeline, surrogate), block in here.groupby(level=["sweep-method", "surrogate"]):
+    for key, block in here.groupby(level=["sweep-method", "surrogate"]):
+        pipeline, surrogate = cast(tuple[str, str], key)
         if "merge + distillation" not in block.index.get_level_values("row"):
             continue
         merged = block.xs("merge + distillation", level="row").iloc[0].dropna()
@@ -101,12 +103,13 @@ def dataset_table(ours: pd.DataFrame, dataset: str) -> str:
         if d == dataset:
             rows.append({"source": "Zhang et al. 2022", "row": method, **{f"alpha {a:g}": values[a] for a in alphas}})
     here = ours.xs(dataset, level="cfg_dataset") if dataset in ours.index.get_level_values(0) else ours.iloc[:0]
-    for (pipeline, surrogate, row), values in here.iterrows():
+    for key, accuracy in here.iterrows():
+        pipeline, surrogate, row = cast(tuple[str, str, str], key)
         rows.append(
             {
                 "source": f"ours: {pipeline}, {surrogate}",
                 "row": row,
-                **{f"alpha {a:g}": values.get(a, float("nan")) for a in alphas},
+                **{f"alpha {a:g}": accuracy.get(a, float("nan")) for a in alphas},
             }
         )
     return pd.DataFrame(rows).round(1).to_markdown(index=False)
@@ -118,14 +121,16 @@ def plot(ours: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(6 * max(1, len(datasets)), 4.2), squeeze=False)
     for ax, dataset in zip(axes.flat, datasets, strict=False):
         for method, style in (("DENSE", "k-"), ("ensemble", "k:"), ("FedAvg (1 round)", "k--")):
-            values = DENSE_TABLE1[(dataset, method)]
-            ax.plot(list(values), list(values.values()), style, marker="x", label=f"{method} (published)")
+            published = DENSE_TABLE1[(dataset, method)]
+            ax.plot(list(published), list(published.values()), style, marker="x", label=f"{method} (published)")
         here = ours.xs(dataset, level="cfg_dataset")
-        for (pipeline, surrogate, row), values in here.iterrows():
+        for key, accuracy in here.iterrows():
+            pipeline, surrogate, row = cast(tuple[str, str, str], key)
             if row in ("merge + distillation", "ensemble"):
                 style = "-" if row == "merge + distillation" else ":"
-                values = values.dropna()
-                ax.plot(values.index, values.values, style, marker="o", label=f"ours {row}: {pipeline}, {surrogate}")
+                accuracy = accuracy.dropna()
+                label = f"ours {row}: {pipeline}, {surrogate}"
+                ax.plot(accuracy.index, accuracy.values, style, marker="o", label=label)
         ax.set(title=dataset, xlabel="Dirichlet alpha", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
