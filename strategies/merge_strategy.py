@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedmerge.device import default_device, derive_seed
-from fedmerge.merge import Ensemble, fine_tune
+from fedmerge.merge import Ensemble, fine_tune, get_method
 from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
@@ -54,8 +54,8 @@ class PermutationMerge(SortedFedAvg):
         client surrogate's images.
     merge : MergeConfig | None (default: None)
         The merge method, correction and settings (:class:`fedmerge.merge.MergeConfig`; None: STE). Activation
-        matching (``"am"``) and REPAIR need ``activation_points()``, which derived specs lack: they are refused
-        for models without them.
+        matching (``"am"``), ZipIt! (``"zipit"``) and REPAIR need ``activation_points()``, which derived specs lack:
+        they are refused for models without them.
     schedule : str (default: "tree")
         "tree", "all-to-one" or "universe" (see :mod:`strategies.schedule`).
     runner : MergeRunner | None (default: None)
@@ -300,14 +300,14 @@ def refuse_without_activation_points(model: nn.Module, merge: MergeConfig) -> No
         The merge settings.
     """
     needs = []
-    if merge.method == "am":
-        needs.append("merge method 'am' (activation matching)")
+    if get_method(merge.method).needs_activation_points:
+        needs.append(f"merge method {merge.method!r}")
     if merge.correction == "repair":
         needs.append("correction 'repair'")
     if needs:
         raise ValueError(
             f"{' and '.join(needs)} need activation_points(), which {type(model).__name__} does not declare "
-            "(a derived permutation spec has none): use method 'wm', 'ste', 'np' or 'ste+np' and correction "
+            "(a derived permutation spec has none): use method 'wm', 'ot', 'ste', 'np' or 'ste+np' and correction "
             "'auto', 'none' or 'bn-reset', or give the model permutation_spec() and activation_points()"
         )
 

@@ -99,7 +99,7 @@ def test_num_clients_comes_from_the_caller():
         ("model", "vit", "'model' must be one of"),
         ("surrogate", "all", "'surrogate' must be one of"),
         ("strategy", "fedprox", "'strategy' must be one of merge, fedavg"),
-        ("method", "zipit", "'method' must be one of"),
+        ("method", "git-rebasin", "'method' must be one of"),
         ("schedule", "chain", "'schedule' must be one of tree, all-to-one"),
         ("correction", "bn", "'correction' must be one of"),
         ("num-rounds", 0, "'num-rounds' must be >= 1"),

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MethodName = Literal["average", "wm", "am", "ste", "np", "ste+np"]
+MethodName = Literal["average", "wm", "am", "ste", "np", "ste+np", "ot", "ot-tuned", "zipit"]
 """The names of the registered merge methods (kept in step with :data:`MERGE_METHODS` by a test)."""
 
 
@@ -59,11 +59,16 @@ class PairInputs:
 @dataclass(frozen=True)
 class PairOutput:
     """What a method returns: the permutation it applied to B, the merged state (before any post-merge
-    correction) and the loss of every optimisation step it took."""
+    correction) and the loss of every optimisation step it took.
+
+    Methods that do not merely permute B (soft OT transport, ZipIt!) return in ``perms`` the permutation closest to
+    what they did (for bookkeeping: merge steps, logs) and, when B was mapped otherwise than by ``perms``, the mapped
+    B as ``aligned_b`` (what REPAIR compares the merge against; ``None``: ``perms`` applied to B)."""
 
     perms: Perms
     merged: State
     losses: list[float]
+    aligned_b: State | None = None
 
 
 PairFunction = Callable[[PairInputs], PairOutput]
@@ -101,7 +106,9 @@ ManyFunction = Callable[[ManyInputs], ManyOutput]
 @dataclass(frozen=True)
 class MergeMethod:
     """One merge method: its name, whether it needs surrogate data, the paper it comes from, a one-line summary,
-    the function that merges a pair and the one that merges N models at once (``None`` when it has none)."""
+    the function that merges a pair, the one that merges N models at once (``None`` when it has none: the
+    ``universe`` schedule refuses it, the pairwise schedules chain ``merge``) and whether it needs the model's
+    ``activation_points()`` (which derived specs lack)."""
 
     name: str
     needs_data: bool
@@ -109,6 +116,7 @@ class MergeMethod:
     summary: str
     merge: PairFunction
     merge_many: ManyFunction | None = None
+    needs_activation_points: bool = False
 
 
 def _surrogate(inputs: PairInputs | ManyInputs) -> LabeledImages:
@@ -236,6 +244,49 @@ def _many_ste_np(inputs: ManyInputs) -> ManyOutput:
     return _many_np_after(inputs, _many_ste(inputs))
 
 
+def _ot(inputs: PairInputs) -> PairOutput:
+    from fedmerge.merge.ot_fusion import ot_align
+
+    params_a = split_state(inputs.model, inputs.state_a)[0]
+    aligned = ot_align(inputs.spec, params_a, inputs.state_b, inputs.config.ot)
+    merged = interpolate_states(inputs.state_a, aligned.aligned_b, inputs.lam)
+    return PairOutput(aligned.perms, merged, [], None if aligned.is_permutation else aligned.aligned_b)
+
+
+def _ot_tuned(inputs: PairInputs) -> PairOutput:
+    from fedmerge.merge.ot_fusion import ot_align, tune_lambda
+
+    params_a = split_state(inputs.model, inputs.state_a)[0]
+    aligned = ot_align(inputs.spec, params_a, inputs.state_b, inputs.config.ot)
+    _, merged, losses = tune_lambda(
+        inputs.model, inputs.state_a, aligned.aligned_b, _surrogate(inputs), inputs.config.ot.grid, inputs.device
+    )
+    return PairOutput(aligned.perms, merged, losses, None if aligned.is_permutation else aligned.aligned_b)
+
+
+def _many_ot(inputs: ManyInputs) -> ManyOutput:
+    """Every client transported onto the first (the paper's anchor), then averaged by the weights."""
+    from fedmerge.merge.ot_fusion import ot_align
+
+    start = time.perf_counter()
+    anchor = split_state(inputs.model, inputs.states[0])[0]
+    alignments = [ot_align(inputs.spec, anchor, s, inputs.config.ot) for s in inputs.states[1:]]
+    seconds = time.perf_counter() - start
+    aligned = [inputs.states[0]] + [a.aligned_b for a in alignments]
+    perms = [identity_perms(inputs.spec, inputs.states[0])] + [a.perms for a in alignments]
+    return ManyOutput(perms, weighted_average(aligned, inputs.weights), [], seconds)
+
+
+def _zipit(inputs: PairInputs) -> PairOutput:
+    from fedmerge.merge.zipit import zipit
+
+    model_a, model_b = (load_state(inputs.model, s) for s in (inputs.state_a, inputs.state_b))
+    result = zipit(
+        inputs.model, inputs.spec, model_a, model_b, _surrogate(inputs), inputs.lam, inputs.config.zipit, inputs.device
+    )
+    return PairOutput(result.perms, result.state, [])
+
+
 MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
@@ -261,6 +312,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "Ainsworth et al., ICLR 2023 (Git Re-Basin)",
             "activation matching: permutations that correlate the hidden units on the surrogate",
             _am,
+            needs_activation_points=True,
         ),
         MergeMethod(
             "ste",
@@ -285,6 +337,32 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "NP Merge after STE alignment",
             _ste_np,
             _many_ste_np,
+        ),
+        MergeMethod(
+            "ot",
+            False,
+            "Singh & Jaggi, NeurIPS 2020 (OT fusion)",
+            "optimal transport of B's neurons onto A's, layer by layer, weight-based ground metric (exact: a "
+            "permutation; Sinkhorn: soft); N models: all onto the first",
+            _ot,
+            _many_ot,
+        ),
+        MergeMethod(
+            "ot-tuned",
+            True,
+            "Singh & Jaggi, NeurIPS 2020 (OT fusion)",
+            "OT fusion with B's weight lambda picked on a 0..1 grid by surrogate accuracy (the paper tuned on test)",
+            _ot_tuned,
+        ),
+        MergeMethod(
+            "zipit",
+            True,
+            "Stoica et al., ICLR 2024 (ZipIt!)",
+            "greedy merging of correlated features within and across the models (activations on the surrogate), "
+            "merge/unmerge matrices per layer, optional partial zipping; needs activation_points() (MLP, SmallCNN, "
+            "VGG11, ResNet20); N models: pairwise schedules only",
+            _zipit,
+            needs_activation_points=True,
         ),
     )
 }

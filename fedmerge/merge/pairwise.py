@@ -24,8 +24,10 @@ from fedmerge.merge.methods import (
     runnable_method,
 )
 from fedmerge.merge.np_merge import NPConfig
+from fedmerge.merge.ot_fusion import OTConfig
 from fedmerge.merge.repair import has_batchnorm, repair, reset_batchnorm
 from fedmerge.merge.ste import STEConfig
+from fedmerge.merge.zipit import ZipItConfig
 from fedmerge.models.protocol import model_spec
 from fedmerge.models.spec import PermutationSpec
 
@@ -41,7 +43,8 @@ __all__ = ["CORRECTIONS", "DATA_METHODS", "METHODS", "Correction", "MergeConfig"
 class MergeConfig:
     """Which merge to run and its settings.
 
-    ``method``: a name from :data:`fedmerge.merge.methods.MERGE_METHODS` (average, wm, am, ste, np, ste+np).
+    ``method``: a name from :data:`fedmerge.merge.methods.MERGE_METHODS` (average, wm, am, ste, np, ste+np, ot,
+    ot-tuned, zipit); ``ot`` and ``zipit`` hold the settings of OT fusion and ZipIt!.
     ``correction``: auto (BatchNorm reset when the model has BatchNorm and data is available),
     none, bn-reset, repair. ``alignment``: how N-model merges (:func:`fedmerge.merge.many.merge_models`) map every
     client into one shared frame: ``merge-many`` (MergeMany weight matching) or ``c2m3`` (Frank-Wolfe, C2M3).
@@ -51,6 +54,8 @@ class MergeConfig:
     correction: Correction = "auto"
     ste: STEConfig = field(default_factory=STEConfig)
     np: NPConfig = field(default_factory=NPConfig)
+    ot: OTConfig = field(default_factory=OTConfig)
+    zipit: ZipItConfig = field(default_factory=ZipItConfig)
     seed: int = 0
     alignment: UniverseMethod = "merge-many"
     alignment_iters: int = 100
@@ -125,7 +130,7 @@ def merge_pair(
     data = surrogate if surrogate is not None and len(surrogate) > 0 else None
     method = runnable_method(config.method, data is not None)
     out = method.merge(PairInputs(model, spec, state_a, state_b, data, lam, config, device))
-    aligned_b = apply_permutation(spec, out.perms, state_b)
+    aligned_b = out.aligned_b if out.aligned_b is not None else apply_permutation(spec, out.perms, state_b)
     merged = correct(model, out.merged, data, config.correction, device, repair_with=(state_a, aligned_b, lam))
     return MergeResult(
         {k: v.detach().cpu() for k, v in merged.items()},
