@@ -1,15 +1,21 @@
 """Running this project's Flower app with the ``flwr`` command line, and stopping the local SuperLink it starts.
 
 ``flwr run <project> --stream`` starts a detached local SuperLink (under ``FLWR_HOME``) on first use and reuses
-it afterwards; it exits 0 even when the run fails, so callers check the files a run leaves behind.
+it afterwards; it exits 0 even when the run fails, so callers check the files a run leaves behind. Flower's local
+SuperLink listens on fixed ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, default 39091, serves the Control,
+Fleet and Runtime APIs; ``FLWR_LOCAL_CONTROL_API_PORT``, default 39093, the legacy gRPC Control API), and ``flwr``
+talks to whatever answers there. :func:`flower_environment` gives each Flower home ports of its own: those of its
+running SuperLink, else free ones, so a run never reaches another user's or project's SuperLink.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -46,11 +52,81 @@ def run_config_argument(run_config: Mapping[str, object]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
 
 
+HTTP_PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+"""Port of the local SuperLink's HTTP API (Control, Fleet and Runtime APIs), read by ``flwr`` when it starts."""
+CONTROL_PORT_VARIABLE = "FLWR_LOCAL_CONTROL_API_PORT"
+"""Port of the local SuperLink's (deprecated) gRPC Control API, read by ``flwr`` when it starts."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the operating system's pick for a bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def superlink_ports(command: Sequence[str]) -> tuple[int, int] | None:
+    """(HTTP API port, control API port) from a ``flower-superlink`` command line; None when it names no
+    ``--port``."""
+    http = control = None
+    for flag, value in zip(command, command[1:], strict=False):
+        if flag == "--port":
+            http = int(value)
+        elif flag == "--control-api-address":
+            control = int(value.rpartition(":")[2])
+    if http is None:
+        return None
+    return http, control if control is not None else http
+
+
+def _command_lines() -> dict[int, list[str]]:
+    """Command line (argv) of every process that can be read, by process id."""
+    lines = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        lines[int(entry.name)] = raw.decode(errors="replace").split("\0")[:-1]
+    return lines
+
+
+def _superlinks(flwr_home: Path) -> dict[int, list[str]]:
+    """Command lines of the SuperLinks with a path under ``flwr_home`` in their arguments (the local SuperLink's
+    database and log live there), by process id."""
+    prefix = str(flwr_home).rstrip(os.sep) + os.sep
+    return {
+        pid: argv
+        for pid, argv in _command_lines().items()
+        if any(part.endswith("flower-superlink") for part in argv[:2]) and any(prefix in part for part in argv)
+    }
+
+
+def local_superlink_ports(flwr_home: Path) -> tuple[int, int]:
+    """(HTTP API port, control API port) for the local SuperLink of ``flwr_home``: those of the one running, read
+    from its command line, else two ports free now."""
+    for argv in _superlinks(flwr_home).values():
+        ports = superlink_ports(argv)
+        if ports is not None:
+            return ports
+    http = free_port()
+    control = free_port()
+    while control == http:
+        control = free_port()
+    return http, control
+
+
 def flower_environment(flwr_home: Path, threads: int = 1) -> dict[str, str]:
-    """Environment for ``flwr run``: its own Flower home, no runtime dependency installs, the CLI on PATH, quiet
-    progress bars (logs, not a terminal) and ``threads`` torch threads per process."""
+    """Environment for ``flwr run``: its own Flower home with local SuperLink ports of its own
+    (:func:`local_superlink_ports`), no runtime dependency installs, the CLI on PATH, quiet progress bars (logs,
+    not a terminal) and ``threads`` torch threads per process."""
+    http_port, control_port = local_superlink_ports(flwr_home)
     return os.environ | {
         "FLWR_HOME": str(flwr_home),
+        HTTP_PORT_VARIABLE: str(http_port),
+        CONTROL_PORT_VARIABLE: str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{flwr_executable().parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FEDMERGE_PROGRESS": "0",
@@ -88,17 +164,7 @@ def default_client_gpus() -> float:
 
 def superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of the SuperLinks whose command line names ``flwr_home`` (their database lives there)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in command and str(flwr_home) in command:
-            pids.append(int(entry.name))
-    return pids
+    return sorted(_superlinks(flwr_home))
 
 
 def stop_superlinks(flwr_home: Path, timeout: float = 10.0) -> None:
@@ -150,14 +216,22 @@ def default_flwr_home() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m simulations.flower_cli stop [--flwr-home DIR]``: stop the local SuperLinks of one Flower home by
-    process id (with their simulations and Ray workers), and no other user's or project's."""
+    """``python -m simulations.flower_cli stop|list|env [--flwr-home DIR]``: stop (or list) the local SuperLinks of
+    one Flower home by process id (with their simulations and Ray workers), and no other user's or project's; or
+    print the ``export`` lines that give that home's local SuperLink ports of its own (``eval`` them before
+    ``flwr run``)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m simulations.flower_cli", description=main.__doc__)
-    parser.add_argument("command", choices=["stop", "list"])
+    parser.add_argument("command", choices=["stop", "list", "env"])
     parser.add_argument("--flwr-home", type=Path, default=default_flwr_home(), help="default: $FLWR_HOME or ~/.flwr")
     args = parser.parse_args(argv)
+    if args.command == "env":
+        home = args.flwr_home.expanduser().resolve()
+        http_port, control_port = local_superlink_ports(home)
+        ports = f"{HTTP_PORT_VARIABLE}={http_port} {CONTROL_PORT_VARIABLE}={control_port}"
+        print(f"export FLWR_HOME={shlex.quote(str(home))} {ports}")
+        return 0
     pids = superlink_pids(args.flwr_home)
     if args.command == "list" or not pids:
         print(f"SuperLinks of {args.flwr_home}: {pids or 'none'}")

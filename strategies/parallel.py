@@ -4,6 +4,7 @@ one is visible)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -40,8 +41,9 @@ def _ray_merge(model: nn.Module, job: PairJob, threads: int) -> MergeResult:
 class RayRunner:
     """Runs a level's independent merges as parallel Ray tasks, at most ``workers`` at a time.
 
-    Joins the Ray instance of this process when there is one (in a Flower simulation, the one running the clients),
-    else starts a local one with ``workers`` CPUs and the visible GPUs. Tasks reserve a CPU (and a share of a GPU)
+    Joins the Ray instance of this process when there is one (in a Flower simulation, the one running the clients,
+    on the cluster at ``$RAY_ADDRESS`` when that is set), else the cluster at ``$RAY_ADDRESS``, else starts a local
+    one with ``workers`` CPUs and the visible GPUs. Tasks reserve a CPU (and a share of a GPU)
     when the instance has them free; when Flower's client actors hold every CPU, the tasks reserve none and this
     runner alone bounds how many run at once, so a merge never waits forever for resources.
     """
@@ -51,12 +53,17 @@ class RayRunner:
             raise ValueError(f"RayRunner needs at least one worker, got {workers}")
         self.workers = workers
         self.threads_per_task = threads_per_task
+        self._announced = False
 
     def start(self) -> None:
         """Join or start Ray now (so that its start-up does not count in the first merge's time)."""
         import ray
 
-        if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not ray.is_initialized() and address:
+            log.info("joining the Ray cluster at %s for merging", address)
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        elif not ray.is_initialized():
             gpus = torch.cuda.device_count()
             log.info("starting a local Ray instance for merging (%d CPU workers, %d GPU(s))", self.workers, gpus)
             ray.init(
@@ -65,6 +72,14 @@ class RayRunner:
                 include_dashboard=False,
                 log_to_driver=True,
                 configure_logging=False,
+            )
+        if not self._announced:
+            self._announced = True
+            log.info(
+                "merge tasks run on the Ray cluster at %s (%d node(s), %g CPUs)",
+                ray.get_runtime_context().gcs_address,
+                len(ray.nodes()),
+                ray.cluster_resources().get("CPU", 0.0),
             )
 
     def _resources(self) -> dict[str, float]:
