@@ -14,6 +14,7 @@ from torch import nn
 
 from fedmerge.data.images import LabeledImages
 from fedmerge.merge.baselines import Ensemble, fine_tune, train_from_scratch
+from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.methods import MethodName
 from fedmerge.merge.pairwise import Correction, MergeConfig, merge_pair
@@ -21,8 +22,20 @@ from fedmerge.models.registry import reinitialized_copy
 from fedmerge.train import TrainConfig, evaluate, train
 
 # Methods beyond ``fedmerge.merge.METHODS``: the clients themselves, their output ensemble, an STE
-# merge fine-tuned on the surrogate, and a fresh model trained on the surrogate alone ("Coreset AB").
-REFERENCE_METHODS = ("model-a", "model-b", "ensemble", "ste+finetune", "scratch")
+# merge fine-tuned on the surrogate, a fresh model trained on the surrogate alone with the fine-tuning settings
+# ("scratch") or with the server's distillation recipe without a teacher ("pooled-recipe": the fair "Coreset AB"),
+# the clients' ensemble distilled into a fresh model on the surrogate with that recipe ("distilled-fresh"), and a
+# fresh model trained like the clients on the given data ("union": "Model AB" on the union of both datasets).
+REFERENCE_METHODS = (
+    "model-a",
+    "model-b",
+    "ensemble",
+    "ste+finetune",
+    "scratch",
+    "pooled-recipe",
+    "distilled-fresh",
+    "union",
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,10 @@ def accuracies(
 
 @dataclass
 class PairComparison:
-    """Everything needed to compare methods on one pair of trained clients."""
+    """Everything needed to compare methods on one pair of trained clients.
+
+    ``train`` is how the clients were trained ("union" trains a fresh model so, on its data); ``recipe`` is the
+    server's distillation recipe ("pooled-recipe" and "distilled-fresh")."""
 
     template: nn.Module
     client_a: ClientModel
@@ -76,6 +92,8 @@ class PairComparison:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.01, batch_size=64))
     lam: float = 0.5
     device: torch.device | str = "cpu"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05, batch_size=128))
+    recipe: DistillConfig = field(default_factory=DistillConfig)
 
     def run(self, method: MethodRun) -> dict:
         """Run one method; return a row with its label, accuracies and wall time."""
@@ -111,6 +129,12 @@ class PairComparison:
             return train_from_scratch(
                 self.template, _require(data, method), self.finetune, self.merge.seed, self.device
             )
+        if method.method == "union":
+            return train_from_scratch(self.template, _require(data, method), self.train, self.merge.seed, self.device)
+        if method.method in ("pooled-recipe", "distilled-fresh"):
+            teacher = Ensemble([a, b], [1 - self.lam, self.lam]) if method.method == "distilled-fresh" else None
+            fresh = reinitialized_copy(self.template, self.merge.seed)
+            return distill(fresh, _require(data, method), teacher, self.recipe, self.merge.seed, self.device).model
         finetuned = method.method == "ste+finetune"
         name = cast(MethodName, "ste" if finetuned else method.method)
         config = replace(self.merge, method=name, correction=method.correction)

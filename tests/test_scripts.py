@@ -143,3 +143,33 @@ def test_table2_rows_are_saved_by_column_name_whatever_their_order(tmp_path):
     frame = pd.read_csv(path)
     assert list(frame["seed"]) == [0, 1] and list(frame["acc_mixed"]) == [50.0, 60.0]
     assert frame["extra"].isna().tolist() == [True, False]
+
+
+def test_table2_keeps_old_rows_when_rows_with_new_settings_are_added(tmp_path):
+    args = table2.parse_args(["--out", str(tmp_path)])
+    old = {"pair": "USPS-MNIST", "seed": 0, "label": "WM", "acc_mixed": 80.0, **table2.run_config(args)}
+    recipe = {**old, "label": "Coreset AB", "recipe_steps": 2000}
+    stale = {**old, "label": "Coreset AB", "recipe_steps": 10}
+    save_rows(tmp_path / "table2.csv", [old])
+    save_rows(tmp_path / "table2.csv", [recipe, stale])
+    configs = {m.label: table2.method_config(args, m) for m in table2.METHOD_RUNS}
+    frame = table2.finished_rows(tmp_path / "table2.csv", configs)
+    assert list(frame["label"]) == ["WM", "Coreset AB"] and list(frame["recipe_steps"].fillna(0)) == [0, 2000]
+    assert "recipe_steps" not in table2.method_config(args, table2.METHOD_RUNS[0])
+
+
+def test_table2_has_the_papers_figure_for_every_new_row_and_column():
+    for label in ("Model AB", "Data Cond AB", "Coreset AB", "OT", "OT (tuned)", "ZipIt!"):
+        assert label in {m.label for m in table2.METHOD_RUNS}
+        assert all(table2.PAPER[label][pair] is not None for pair in table2.PAIRS)
+    assert list(table2.PAIRS) == ["MNIST-RMNIST90", "USPS-MNIST", table2.SPLIT_CIFAR, "MNIST-FMNIST"]
+
+
+@needs_shared
+@pytest.mark.usefixtures("tmp_cache")
+def test_split_cifar10_gives_each_client_five_classes_of_the_subset():
+    train = table2.pair_data(table2.SPLIT_CIFAR, True, SHARED)
+    test = table2.pair_data(table2.SPLIT_CIFAR, False, SHARED)
+    assert [sorted(d.y.unique().tolist()) for d in train] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert sum(len(d) for d in train) == 4000 and sum(len(d) for d in test) == 1000
+    assert train[0].image_shape == (3, 32, 32)
