@@ -56,9 +56,9 @@ def node_partition(node_config: Mapping[str, object]) -> tuple[int, int]:
     if missing:
         raise ValueError(
             f"node config lacks {missing}, got {dict(node_config)}. Every node needs both partition-id and "
-            "num-partitions. In a simulation, Flower sets them from the number of supernodes: run `flwr run .` on "
-            "a simulation federation (options.num-supernodes in the federation's config, or `flwr run . "
-            "--federation-config 'num-supernodes=2'`). In a deployment, start each SuperNode with them, e.g. "
+            "num-partitions. In a simulation, Flower sets them from the number of supernodes: `flwr run . "
+            "--federation-config 'num-supernodes=2'` (or `flwr federation simulation-config`). In a deployment, "
+            "start each SuperNode with them, e.g. "
             '`flower-supernode --node-config "partition-id=0 num-partitions=2"` (partition-id 0, 1, ... '
             "on each node)"
         )

@@ -165,6 +165,16 @@ def test_two_local_superlinks_run_side_by_side_on_their_own_ports(tmp_path):
 # ------------------------------------------------------------------ deployment mode
 
 
+def test_a_missing_partition_id_says_what_to_set_in_both_modes():
+    from simulations.client_app import node_partition
+
+    with pytest.raises(ValueError) as error:
+        node_partition({})
+    message = str(error.value)
+    assert "--federation-config 'num-supernodes=2'" in message  # simulation
+    assert 'flower-supernode --node-config "partition-id=0 num-partitions=2"' in message  # deployment
+
+
 @pytest.mark.slow  # starts a SuperLink, two SuperNodes and a run (about 1 min)
 @needs_flwr
 def test_deployment_with_a_superlink_and_two_supernodes_writes_a_results_row(tmp_path):
