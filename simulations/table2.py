@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from rich.console import Console
+from torch import nn
 
 from fedmerge.data import concat, domain_split, load_dataset
 from fedmerge.data.images import LabeledImages
 from fedmerge.device import default_device, derive_seed
-from fedmerge.experiment import MethodRun, PairComparison, train_client
+from fedmerge.experiment import ClientModel, MethodRun, PairComparison, train_client
 from fedmerge.merge import MergeConfig, NPConfig, STEConfig
 from fedmerge.merge.distill import DistillConfig
 from fedmerge.models import build_model
@@ -210,46 +212,80 @@ def build_surrogates(
     return surrogates, seconds
 
 
-def run_pair(
-    pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespace, device, console: Console
-) -> list[dict]:
-    """The given methods on one domain pair and seed."""
-    names = PAIRS[pair]
-    train_sets = pair_data(pair, True, args.data_root)
-    test_sets = pair_data(pair, False, args.data_root)
+@dataclass
+class PairSetup:
+    """One pair's trained clients and what they were trained and are scored on."""
+
+    pair: str
+    train_sets: list[LabeledImages]
+    tests: dict[str, LabeledImages]
+    template: nn.Module
+    clients: list[ClientModel]
+    train: TrainConfig
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent training both clients."""
+        return round(sum(c.seconds for c in self.clients), 1)
+
+
+def setup_pair(
+    pair: str, seed: int, epochs: int, root: str | Path, device, console: Console, max_train: int | None = None
+) -> PairSetup:
+    """Train both clients of ``pair`` (seeded by ``seed``, so the same models on every run) for ``epochs``;
+    ``max_train`` keeps only the first that many training images of each client (for smoke runs)."""
+    train_sets = pair_data(pair, True, root)
+    if max_train is not None:
+        train_sets = [d.subset(torch.arange(min(max_train, len(d))), name=d.name) for d in train_sets]
+    test_sets = pair_data(pair, False, root)
     tests = {"mixed": concat(test_sets), "A": test_sets[0], "B": test_sets[1]}
     template = build_model("mlp", train_sets[0].image_shape, 10)
-    config = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=128)
+    config = TrainConfig(epochs=epochs, lr=0.05, batch_size=128)
     clients = [
         train_client(template, d, config, derive_seed(seed, pair, i), device, n)
-        for i, (d, n) in enumerate(zip(train_sets, names, strict=True))
+        for i, (d, n) in enumerate(zip(train_sets, PAIRS[pair], strict=True))
     ]
-    console.log(f"{pair} seed {seed}: trained clients in {sum(c.seconds for c in clients):.1f}s")
-    keys = {m.surrogate for m in runs if m.surrogate}
-    surrogates, surrogate_seconds = build_surrogates(train_sets, clients, args, keys, seed, device, console)
-    comparison = PairComparison(
-        template,
-        clients[0],
-        clients[1],
+    setup = PairSetup(pair, train_sets, tests, template, clients, config)
+    console.log(f"{pair} seed {seed}: trained clients in {setup.train_seconds:.1f}s")
+    return setup
+
+
+def comparison(setup: PairSetup, surrogates: dict, args: argparse.Namespace, seed: int, device) -> PairComparison:
+    """The methods' common ground on one pair: its clients, surrogates, test sets and the merge / recipe settings
+    of ``args`` (``ste_steps``, ``ste_lr``, ``np_steps``, ``recipe_steps``)."""
+    return PairComparison(
+        setup.template,
+        setup.clients[0],
+        setup.clients[1],
         surrogates,
-        tests,
+        setup.tests,
         merge=MergeConfig(
             ste=STEConfig(steps=args.ste_steps, lr=args.ste_lr), np=NPConfig(steps=args.np_steps), seed=seed
         ),
         device=device,
-        train=config,
+        train=setup.train,
         recipe=DistillConfig(steps=args.recipe_steps),
     )
+
+
+def run_pair(
+    pair: str, seed: int, runs: list[MethodRun], args: argparse.Namespace, device, console: Console
+) -> list[dict]:
+    """The given methods on one pair and seed."""
+    setup = setup_pair(pair, seed, args.epochs, args.data_root, device, console)
+    keys = {m.surrogate for m in runs if m.surrogate}
+    surrogates, surrogate_seconds = build_surrogates(setup.train_sets, setup.clients, args, keys, seed, device, console)
+    compare = comparison(setup, surrogates, args, seed, device)
     rows = []
     for method in runs:
-        row = comparison.run(method)
+        row = compare.run(method)
         console.log(f"{pair} seed {seed} {method.label}: {row['acc_mixed']:.2f}% ({row['seconds']:.1f}s)")
         rows.append(
             {
                 "pair": pair,
                 "seed": seed,
                 **row,
-                "train_seconds": round(sum(c.seconds for c in clients), 1),
+                "train_seconds": setup.train_seconds,
                 "surrogate_seconds": round(surrogate_seconds.get(method.surrogate or "", 0.0), 1),
                 **method_config(args, method),
             }

@@ -173,3 +173,28 @@ def test_split_cifar10_gives_each_client_five_classes_of_the_subset():
     assert [sorted(d.y.unique().tolist()) for d in train] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert sum(len(d) for d in train) == 4000 and sum(len(d) for d in test) == 1000
     assert train[0].image_shape == (3, 32, 32)
+
+
+@needs_shared
+@pytest.mark.usefixtures("tmp_cache")
+def test_surrogate_size_runs_on_tiny_settings_and_resumes(tmp_path, monkeypatch):
+    from simulations import surrogate_size
+
+    args = ["--data-root", str(SHARED), "--pairs", table2.SPLIT_CIFAR, "--per-class", "1", "2", "--epochs", "1"]
+    args += ["--ste-steps", "2", "--recipe-steps", "3", "--max-train", "100", "--out", str(tmp_path)]
+    surrogate_size.main(args)
+    frame = pd.read_csv(tmp_path / "surrogate_size.csv")
+    assert len(frame) == 2 * len(surrogate_size.RUNS)
+    assert set(frame["per_class"]) == {1, 2} and (frame["surrogate_images"] == 10 * frame["per_class"]).all()
+    assert {"seconds", "seed", "torch", "recipe_steps", "ste_steps"} <= set(frame.columns)
+    text = (tmp_path / "surrogate_size.md").read_text()
+    assert "| STE (coreset) (paper, full CIFAR-10) | 61.1 | 75.1 |" not in text  # only the sizes that ran
+    assert "| Coreset AB (paper, full CIFAR-10) | 19.3 | – |" in text
+    assert (tmp_path / "surrogate_size.png").exists()
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("finished rows were run again")
+
+    monkeypatch.setattr(surrogate_size, "run_pair", fail)
+    surrogate_size.main(args)
+    assert len(pd.read_csv(tmp_path / "surrogate_size.csv")) == 2 * len(surrogate_size.RUNS)
