@@ -12,7 +12,7 @@ from fedmerge.merge import Ensemble, fine_tune, get_method
 from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
-from fedmerge.models.protocol import derived_spec, has_activation_points, model_spec
+from fedmerge.models.protocol import activation_points, derived_spec, has_activation_points, model_spec
 from fedmerge.surrogate.build import last_linear
 from fedmerge.train import TrainConfig
 from strategies.defences import Defences
@@ -54,8 +54,8 @@ class PermutationMerge(SortedFedAvg):
         client surrogate's images.
     merge : MergeConfig | None (default: None)
         The merge method, correction and settings (:class:`fedmerge.merge.MergeConfig`; None: STE). Activation
-        matching (``"am"``), ZipIt! (``"zipit"``) and REPAIR need ``activation_points()``, which derived specs lack:
-        they are refused for models without them.
+        matching (``"am"``) and ZipIt! (``"zipit"``) need activation points (the model's ``activation_points()``,
+        else those derived with its spec): they are refused for a model with a permutation that has none.
     schedule : str (default: "tree")
         "tree", "all-to-one" or "universe" (see :mod:`strategies.schedule`).
     runner : MergeRunner | None (default: None)
@@ -139,12 +139,11 @@ class PermutationMerge(SortedFedAvg):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
         merge = merge if merge is not None else MergeConfig()
-        if not has_activation_points(model):
-            refuse_without_activation_points(model, merge)
-            if example_input is None and image_shape is not None:
-                example_input = torch.zeros(2, *image_shape)
+        if not has_activation_points(model) and example_input is None and image_shape is not None:
+            example_input = torch.zeros(2, *image_shape)
         if example_input is not None:
             model_spec(model, example_input)  # derived now (once), so that an untraceable model fails here
+            refuse_without_activation_points(model, merge)  # without an example: once the spec is derived
         if num_classes is None:
             head = last_linear(model)
             if head is None:
@@ -231,6 +230,7 @@ class PermutationMerge(SortedFedAvg):
         )
         spec = model_spec(self.model, with_data.surrogate.x[:2])
         log.info("permutation spec of %s: %d permutations", type(self.model).__name__, len(spec.perm_names))
+        refuse_without_activation_points(self.model, self.merge)
 
     def combine(self, updates: list[ClientUpdate]) -> State:
         """Merge the usable updates (sorted by partition id) along the schedule."""
@@ -289,8 +289,8 @@ class PermutationMerge(SortedFedAvg):
 
 
 def refuse_without_activation_points(model: nn.Module, merge: MergeConfig) -> None:
-    """Raise ``ValueError`` when ``merge`` needs ``activation_points()`` (activation matching, REPAIR), which
-    ``model`` does not declare (as is the case with every derived permutation spec).
+    """Raise ``ValueError`` when ``merge``'s method needs activation points (activation matching, ZipIt!) and
+    ``model`` has none for some permutation (neither its own ``activation_points()`` nor derived ones).
 
     Parameters
     ----------
@@ -299,17 +299,12 @@ def refuse_without_activation_points(model: nn.Module, merge: MergeConfig) -> No
     merge : MergeConfig
         The merge settings.
     """
-    needs = []
-    if get_method(merge.method).needs_activation_points:
-        needs.append(f"merge method {merge.method!r}")
-    if merge.correction == "repair":
-        needs.append("correction 'repair'")
-    if needs:
-        raise ValueError(
-            f"{' and '.join(needs)} need activation_points(), which {type(model).__name__} does not declare "
-            "(a derived permutation spec has none): use method 'wm', 'ot', 'ste', 'np' or 'ste+np' and correction "
-            "'auto', 'none' or 'bn-reset', or give the model permutation_spec() and activation_points()"
-        )
+    if not get_method(merge.method).needs_activation_points:
+        return
+    try:
+        activation_points(model)
+    except TypeError as error:
+        raise ValueError(f"merge method {merge.method!r} needs activation points: {error}") from error
 
 
 def client_ensemble(template: nn.Module, updates: list[ClientUpdate]) -> Ensemble:

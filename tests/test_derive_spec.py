@@ -1,8 +1,11 @@
 """``derive_permutation_spec``: derived specs leave outputs unchanged under random permutations, permute every
 hidden layer they can, match the hand-written specs of our four models, recover permutations by weight
-matching through conv -> flatten -> linear, and name what they cannot handle; ``Blocked`` spec axes."""
+matching through conv -> flatten -> linear, and name what they cannot handle; ``Blocked`` spec axes; derived
+activation points record their permutation's units, and activation matching recovers a permutation with them."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,10 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmerge.align import apply_permutation, invert, random_perms, weight_matching
+from fedmerge.align.activation_matching import activation_matching, record_activations
 from fedmerge.align.permute import expand_blocks
-from fedmerge.models import Blocked, PermutationSpec, build_model, derive_permutation_spec
+from fedmerge.models import (
+    Blocked,
+    PermutationSpec,
+    build_model,
+    derive_permutation_spec,
+    derive_spec_and_activation_points,
+    model_spec,
+)
 from fedmerge.models.derive import same_up_to_renaming
-from fedmerge.models.spec import linear_axes
+from fedmerge.models.protocol import activation_points, has_activation_points
+from fedmerge.models.spec import linear_axes, perm_of
 from tests.helpers import CASE_FIELDS, randomize_parameters
 
 # ------------------------------------------------------------------ models that do not declare a spec
@@ -483,3 +495,80 @@ def test_blocked_axes_sizes_checks_and_description():
         PermutationSpec({"w": (("P", 2),)})  # type: ignore[dict-item]
     # Frozen and comparable: specs with equal blocked axes are equal.
     assert blocked_spec()[0] == spec and Blocked("P", 6) != Blocked("P", 3)
+
+
+# ------------------------------------------------------------------ derived activation points
+
+
+def assert_points_follow_the_permutations(
+    model: nn.Module, spec: PermutationSpec, points: dict[str, str], in_shape: tuple[int, ...], seed: int = 0
+) -> None:
+    """Every point records its permutation's units: after permuting the weights, unit i there is unit perm[i]."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, *in_shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), record_activations(model, points) as acts:
+        model(x)
+        before = dict(acts)
+        perms = random_perms(spec, state, torch.Generator().manual_seed(seed + 1))
+        model.load_state_dict(apply_permutation(spec, perms, state))
+        model(x)
+        after = dict(acts)
+    model.load_state_dict(state)
+    for perm, module in points.items():
+        assert after[perm].shape[1] == len(perms[perm]), f"{module} does not carry {perm}"
+        torch.testing.assert_close(after[perm], before[perm][:, perms[perm]], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CUSTOM if c not in ("sequence", "gating")])
+def test_derived_activation_points_cover_and_carry_every_permutation(case):
+    factory, in_shape, _ = CUSTOM[case]
+    model = randomize(factory())
+    spec, points = derive_spec_and_activation_points(model, torch.randn(2, *in_shape))
+    assert set(points) == set(spec.perm_names)
+    assert_points_follow_the_permutations(model, spec, points, in_shape)
+
+
+def test_derived_activation_points_prefer_the_nonlinearity_and_skip_modules_called_twice():
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize(torchvision.models.resnet18(weights=None, num_classes=10))
+    spec, points = derive_spec_and_activation_points(model, torch.randn(2, 3, 32, 32))
+    assert set(points) == set(spec.perm_names)
+    # Each block calls its `relu` twice (inner channels, then the residual stream): the BatchNorm is used instead.
+    assert points[perm_of(spec.axes_to_perm["layer1.0.conv1.weight"][0])] == "layer1.0.bn1"
+    assert points[perm_of(spec.axes_to_perm["conv1.weight"][0])] == "relu"  # the stem's relu is called once
+    assert_points_follow_the_permutations(model, spec, points, (3, 32, 32))
+
+
+@over_ours
+def test_derived_activation_points_of_our_models(name, in_shape, width, kwargs):
+    model = randomize(build_model(name, in_shape, width=width, **kwargs))
+    spec, points = derive_spec_and_activation_points(model, torch.randn(2, *in_shape))
+    assert set(points) == set(spec.perm_names)
+    if name != "resnet20":  # its residual streams are recorded at another module carrying the same permutation
+        assert set(points.values()) == set(model.activation_points().values())
+    assert_points_follow_the_permutations(model, spec, points, in_shape)
+
+
+def test_units_only_on_the_last_axis_get_no_activation_point():
+    for model, missing in ((GatingNet(), {"P_fc"}), (SequenceNet(), {"P_token"})):  # channels-last Linear layers
+        spec, points = derive_spec_and_activation_points(model, torch.randn(2, 3, 8, 8))
+        assert set(spec.perm_names) - set(points) == missing
+    model = SequenceNet()
+    model_spec(model, torch.randn(2, 3, 8, 8))
+    assert not has_activation_points(model)
+    with pytest.raises(TypeError, match=r"\['P_token'\]"):
+        activation_points(model)
+
+
+def test_activation_matching_recovers_a_permutation_of_a_derived_model():
+    model_a = randomize(LeNet())
+    spec = model_spec(model_a, torch.randn(2, 3, 32, 32))
+    state_a = {k: v.clone() for k, v in model_a.state_dict().items()}
+    model_b = copy.deepcopy(model_a)  # carries the derived spec and points
+    hidden = random_perms(spec, state_a, torch.Generator().manual_seed(5))
+    model_b.load_state_dict(apply_permutation(spec, hidden, state_a))
+    perms = activation_matching(
+        model_a, model_b, torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    )
+    aligned = apply_permutation(spec, perms, model_b.state_dict())
+    assert all(torch.equal(aligned[k], state_a[k]) for k in state_a)

@@ -34,7 +34,7 @@ NUM_CLASSES = 10
 
 
 class LeNet(nn.Module):
-    """The model of Flower's PyTorch quickstart: no permutation_spec(), no activation_points()."""
+    """The model of Flower's PyTorch quickstart: no permutation_spec(), no activation_points() (both derived)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,11 +157,22 @@ def test_permutation_merge_merges_a_quickstart_lenet_with_ste(caplog):
     assert "weight matching" not in caplog.text  # no fallback
 
 
-def test_permutation_merge_refuses_what_derived_specs_cannot_do():
-    with pytest.raises(ValueError, match="activation_points"):
-        PermutationMerge(lenet(0), MergeConfig(method="am"))
-    with pytest.raises(ValueError, match="repair"):
-        PermutationMerge(lenet(0), MergeConfig(correction="repair"))
+@pytest.mark.parametrize("method", ["am", "zipit"])
+def test_activation_methods_and_repair_merge_a_model_without_a_spec(method):
+    """Activation points are derived with the spec (REPAIR needs none), so these run on the quickstart LeNet."""
+    config = MergeConfig(method=method, correction="repair", seed=0)
+    strategy = PermutationMerge(lenet(0), config, image_shape=(3, 32, 32), runner=SequentialRunner("cpu"))
+    arrays, metrics = strategy.aggregate_train(1, lenet_replies())
+    assert arrays is not None and metrics is not None and metrics["clients-merged"] == 2
+    assert [s.method for s in strategy.merge_steps] == [method]
+
+
+def test_permutation_merge_refuses_activation_matching_where_a_permutation_has_no_activation_point():
+    from tests.test_derive_spec import SequenceNet  # its per-token Linear's units are on the last axis only
+
+    with pytest.raises(ValueError, match=r"'am' needs activation points.*P_token"):
+        PermutationMerge(SequenceNet(), MergeConfig(method="am"), image_shape=(3, 8, 8))
+    PermutationMerge(SequenceNet(), MergeConfig(method="wm"), image_shape=(3, 8, 8))
 
 
 def test_without_surrogate_an_example_input_is_needed(caplog):

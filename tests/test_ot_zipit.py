@@ -20,7 +20,7 @@ from fedmerge.train import evaluate
 from strategies import PermutationMerge
 from strategies.parallel import SequentialRunner
 from strategies.schedule import run_schedule
-from tests.helpers import NUM_CLASSES, SHAPE, assert_valid_perms, blobs, load, mlp, randomized_model, trained_mlp
+from tests.helpers import NUM_CLASSES, assert_valid_perms, blobs, load, mlp, randomized_model, trained_mlp
 from tests.test_strategies import nodes_of, reply, small_mlp
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
@@ -139,7 +139,7 @@ def test_zip_groups_follow_the_within_model_budget_and_alpha():
 
 
 class _NoPoints(nn.Module):
-    """A traceable model without permutation_spec() / activation_points()."""
+    """A traceable model without permutation_spec() / activation_points() (both are derived)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,15 +149,24 @@ class _NoPoints(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def test_zipit_refuses_models_without_activation_points_and_ot_merges_them():
+def test_zipit_and_ot_merge_models_with_derived_activation_points_and_zipit_refuses_one_without():
+    from tests.test_derive_spec import SequenceNet  # its per-token Linear's units are on the last axis only
+
     data = blobs(range(NUM_CLASSES), 4, seed=11)
     states = [_NoPoints().state_dict() for _ in range(2)]
-    with pytest.raises(TypeError, match="ZipIt! needs activation_points"):
-        merge_pair(_NoPoints(), *states, data, config=MergeConfig(method="zipit"))
-    with pytest.raises(ValueError, match="'zipit'.*activation_points"):
-        PermutationMerge(_NoPoints(), MergeConfig(method="zipit"), image_shape=SHAPE)
-    result = merge_pair(_NoPoints(), *states, data, config=MergeConfig(method="ot"))
-    assert result.method == "ot"
+    for method in ("zipit", "ot"):
+        assert merge_pair(_NoPoints(), *states, data, config=MergeConfig(method=method)).method == method
+    sequence = LabeledImages(torch.randn(8, 3, 8, 8), torch.arange(8) % 10, 10, "noise")
+    with pytest.raises(TypeError, match=r"ZipIt! needs activation points.*P_token"):
+        merge_pair(
+            SequenceNet(),
+            SequenceNet().state_dict(),
+            SequenceNet().state_dict(),
+            sequence,
+            config=MergeConfig(method="zipit"),
+        )
+    with pytest.raises(ValueError, match=r"'zipit' needs activation points.*P_token"):
+        PermutationMerge(SequenceNet(), MergeConfig(method="zipit"), image_shape=(3, 8, 8))
 
 
 @pytest.mark.parametrize("method", ["ot", "ot-tuned", "zipit"])

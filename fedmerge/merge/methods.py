@@ -108,7 +108,7 @@ class MergeMethod:
     """One merge method: its name, whether it needs surrogate data, the paper it comes from, a one-line summary,
     the function that merges a pair, the one that merges N models at once (``None`` when it has none: the
     ``universe`` schedule refuses it, the pairwise schedules chain ``merge``) and whether it needs the model's
-    ``activation_points()`` (which derived specs lack)."""
+    activation points (its ``activation_points()``, or those derived with its spec)."""
 
     name: str
     needs_data: bool
@@ -359,8 +359,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             True,
             "Stoica et al., ICLR 2024 (ZipIt!)",
             "greedy merging of correlated features within and across the models (activations on the surrogate), "
-            "merge/unmerge matrices per layer, optional partial zipping; needs activation_points() (MLP, SmallCNN, "
-            "VGG11, ResNet20); N models: pairwise schedules only",
+            "merge/unmerge matrices per layer, optional partial zipping; needs activation points (declared, or "
+            "derived with the spec); N models: pairwise schedules only",
             _zipit,
             needs_activation_points=True,
         ),

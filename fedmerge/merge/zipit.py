@@ -24,11 +24,12 @@ the ``k``-th (in spec order) are merged one-to-one across the models: a linear a
 correlations (activation matching), then interpolation. The later layers are thus A's and B's, permuted and
 averaged; their input axis reads the zipped features through ``U``.
 
-Defined for models that declare ``activation_points()`` (``MLP``, ``SmallCNN``, ``VGG11``, ``ResNet20``); a model
-whose spec is derived by tracing has none, and ZipIt! refuses it. The MLP's points are its hidden Linear outputs
-(pre-ReLU; ReLU is applied functionally), the CNNs' the post-ReLU modules. Features that are constant on the
-surrogate (dead ReLUs) correlate 1 with each other and 0 with the rest (the reference implementation gives them 0
-everywhere, which pairs dead units with arbitrary live ones).
+Defined for models with activation points: those that declare ``activation_points()`` (``MLP``, ``SmallCNN``,
+``VGG11``, ``ResNet20``), and traced models, whose points are derived with their spec (see
+:mod:`fedmerge.models.derive`; ZipIt! refuses one with a permutation that got none). The MLP's points are its
+hidden Linear outputs (pre-ReLU; ReLU is applied functionally), the CNNs' the post-ReLU modules. Features that
+are constant on the surrogate (dead ReLUs) correlate 1 with each other and 0 with the rest (the reference
+implementation gives them 0 everywhere, which pairs dead units with arbitrary live ones).
 """
 
 from __future__ import annotations
@@ -86,13 +87,15 @@ class ZipResult:
 
 
 def require_activation_points(model: nn.Module) -> dict[str, str]:
-    """``model``'s activation points; ``TypeError`` saying ZipIt! needs them when the model declares none."""
+    """``model``'s activation points (its own or derived with its spec); ``TypeError`` saying ZipIt! needs them
+    when it has none for some permutation."""
     if not has_activation_points(model):
-        raise TypeError(
-            f"ZipIt! needs activation_points() (where each feature space is recorded), which {type(model).__name__} "
-            "does not declare (a derived permutation spec has none): use 'wm', 'ot', 'ste' or 'np', or give the "
-            "model permutation_spec() and activation_points()"
-        )
+        try:
+            activation_points(model)
+        except TypeError as error:
+            raise TypeError(
+                f"ZipIt! needs activation points (where each feature space is recorded): {error}"
+            ) from error
     return activation_points(model)
 
 

@@ -2,7 +2,7 @@
 any traceable model with ``derive_permutation_spec``."""
 
 from fedmerge.models.cnn import SmallCNN
-from fedmerge.models.derive import derive_permutation_spec, same_up_to_renaming
+from fedmerge.models.derive import derive_permutation_spec, derive_spec_and_activation_points, same_up_to_renaming
 from fedmerge.models.mlp import MLP
 from fedmerge.models.protocol import PermutableModel, model_spec
 from fedmerge.models.registry import MODEL_NAMES, build_model, reinitialized_copy
@@ -21,6 +21,7 @@ __all__ = [
     "VGG11",
     "build_model",
     "derive_permutation_spec",
+    "derive_spec_and_activation_points",
     "model_spec",
     "reinitialized_copy",
     "same_up_to_renaming",

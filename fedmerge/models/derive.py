@@ -30,12 +30,19 @@ tensor, a parameter used directly by ``forward``, a reshape that splits the chan
 ``NotImplementedError`` naming the op and the module it is called in; a model that cannot be traced raises
 ``ValueError``. Prefer an example batch of two or more samples: with a batch of one, a reshape that merges the
 batch axis into the units' axis looks like one that does not.
+
+:func:`derive_spec_and_activation_points` also names, for every permutation, a module whose output carries its
+units on axis 1 (what activation matching and ZipIt! record): the group's first nonlinearity module (ReLU, GELU,
+...), else its first norm layer, else its first other module (the Linear / Conv that starts it, pooling, ...). A
+module called more than once is never chosen (a forward hook sees only its last call); a permutation with no such
+module (e.g. units only ever on the last axis of a 3-d tensor) gets no activation point.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +54,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fedmerge.models.spec import AxesToPerm, AxisPerm, Blocked, PermutationSpec, block_of, perm_of
 
-__all__ = ["derive_permutation_spec", "same_up_to_renaming"]
+__all__ = ["derive_permutation_spec", "derive_spec_and_activation_points", "same_up_to_renaming"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,13 @@ _PER_CHANNEL_NORMS: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm3d,
 )
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NONLINEARITIES = tuple(
+    m
+    for m in _ACTIVATION_MODULES
+    if m not in (nn.Identity, nn.Softmax, nn.LogSoftmax) and not issubclass(m, nn.modules.dropout._DropoutNd)
+)
+"""Activation modules that are real nonlinearities (the preferred activation points)."""
+_NORMS: tuple[type[nn.Module], ...] = (*_PER_CHANNEL_NORMS, nn.LayerNorm, nn.GroupNorm)
 
 # Functions and Tensor methods, by kind. "elementwise": output = f(first tensor argument), unit by unit.
 # "spatial": acts on the axes after the channel axis (pooling, resizing). "binary": element-wise with
@@ -303,6 +317,28 @@ def derive_permutation_spec(model: nn.Module, example_input: torch.Tensor | Sequ
     first layer (module path) whose outputs it permutes. Raises ``ValueError`` if the model is not traceable
     and ``NotImplementedError`` naming the op and module for anything the rules do not cover.
     """
+    return derive_spec_and_activation_points(model, example_input)[0]
+
+
+def derive_spec_and_activation_points(
+    model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[PermutationSpec, dict[str, str]]:
+    """:func:`derive_permutation_spec`'s spec, and the activation points found in the same pass: for each
+    permutation, the module whose output carries its units on axis 1 (see the module docstring). Permutations
+    with no such module are missing from the points.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A ``torch.fx``-traceable model.
+    example_input : torch.Tensor | Sequence[torch.Tensor]
+        A batch of model inputs (two samples are enough), or a sequence of them for several inputs.
+
+    Returns
+    -------
+    tuple[PermutationSpec, dict[str, str]]
+        The spec, and the module path (a key of ``model.named_modules()``) of each permutation's activation point.
+    """
     inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     modes = {module: module.training for module in model.modules()}
     try:
@@ -320,7 +356,9 @@ def derive_permutation_spec(model: nn.Module, example_input: torch.Tensor | Sequ
     finally:
         for module, training in modes.items():
             module.training = training
-    return _Derivation(model, graph_module).run()
+    derivation = _Derivation(model, graph_module)
+    spec = derivation.run()
+    return spec, derivation.activation_points()
 
 
 class _Derivation:
@@ -335,6 +373,9 @@ class _Derivation:
         # state-dict key -> per axis: (group, block), or None when the axis is never permuted
         self.entries: dict[str, list[tuple[int, int] | None]] = {}
         self.node: fx.Node | None = None
+        # (module path, module, output value, output rank) of every module call, in order
+        self.module_calls: list[tuple[str, nn.Module, Value, int]] = []
+        self.perm_names: dict[int, str] = {}  # group root -> its permutation's name in the spec
 
     # ----------------------------------------------------------------------------------- driver
 
@@ -350,7 +391,9 @@ class _Derivation:
                     self.groups.fix(value.group)
             else:
                 if node.op == "call_module":
-                    value = self._call_module(node, self.modules[node.target])
+                    module = self.modules[str(node.target)]
+                    value = self._call_module(node, module)
+                    self.module_calls.append((str(node.target), module, value, len(self._shape(node) or ())))
                 else:
                     value = self._call(node)
                 if value is NOT_TENSOR and (self._shape(node) or ()):
@@ -362,7 +405,7 @@ class _Derivation:
         state = self.model.state_dict(keep_vars=True)
         # Entries that alias a recorded tensor (a module registered under two names) share its axes.
         recorded = {id(state[key]): key for key in self.entries if key in state}
-        names: dict[int, str] = {}
+        names = self.perm_names
         taken: set[str] = set()
 
         def entry(item: tuple[int, int] | None) -> AxisPerm:
@@ -384,6 +427,24 @@ class _Derivation:
             items = self.entries.get(recorded.get(id(tensor), key), [None] * tensor.ndim)
             axes[key] = tuple(entry(item) for item in items)
         return PermutationSpec(axes)
+
+    def activation_points(self) -> dict[str, str]:
+        """After :meth:`run`: for every permutation, the module whose output carries its units on axis 1, one
+        index per unit: the first nonlinearity, else the first norm, else the first other module; modules called
+        more than once are skipped (a forward hook would see only their last output)."""
+        calls = Counter(path for path, *_ in self.module_calls)
+        best: dict[str, tuple[int, int, str]] = {}
+        for order, (path, module, value, ndim) in enumerate(self.module_calls):
+            if calls[path] > 1 or not isinstance(value, _Units) or ndim < 2 or (value.axis, value.block) != (1, 1):
+                continue
+            root = self.groups.find(value.group)
+            name = self.perm_names.get(root)
+            if name is None or self.groups.is_fixed(root):
+                continue
+            rank = 0 if isinstance(module, _NONLINEARITIES) else 1 if isinstance(module, _NORMS) else 2
+            if name not in best or (rank, order) < best[name][:2]:
+                best[name] = (rank, order, path)
+        return {name: path for name, (_, _, path) in sorted(best.items())}
 
     # ----------------------------------------------------------------------------------- helpers
 

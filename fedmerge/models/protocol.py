@@ -9,11 +9,13 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fedmerge.models.derive import derive_permutation_spec
+from fedmerge.models.derive import derive_spec_and_activation_points
 from fedmerge.models.spec import PermutationSpec
 
 DERIVED_SPEC_ATTRIBUTE = "_fedmerge_derived_spec"
 """Where :func:`model_spec` keeps a derived spec on the model object (so copies and pickles carry it)."""
+DERIVED_POINTS_ATTRIBUTE = "_fedmerge_derived_activation_points"
+"""Where :func:`model_spec` keeps the activation points derived with the spec."""
 
 
 @runtime_checkable
@@ -23,7 +25,7 @@ class PermutableModel(Protocol):
     ``permutation_spec()`` maps every state-dict entry's axes to permutation names (see :class:`PermutationSpec`);
     ``activation_points()`` names, for each permutation, the module whose output carries those units (what
     activation matching records). ``MLP``, ``SmallCNN``, ``VGG11`` and ``ResNet20`` implement both. Other models
-    are merged with a spec derived by tracing (:func:`model_spec`), without activation points.
+    are merged with a spec and activation points derived by tracing (:func:`model_spec`).
     """
 
     def permutation_spec(self) -> PermutationSpec: ...
@@ -73,8 +75,9 @@ def model_spec(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Te
             "torch.zeros(2, 3, 32, 32)), or give the model permutation_spec() / activation_points() "
             "(see fedmerge.models.protocol)"
         )
-    spec = derive_permutation_spec(model, _on_model_device(model, example_input))
+    spec, points = derive_spec_and_activation_points(model, _on_model_device(model, example_input))
     model.__dict__[DERIVED_SPEC_ATTRIBUTE] = spec
+    model.__dict__[DERIVED_POINTS_ATTRIBUTE] = points
     return spec
 
 
@@ -85,8 +88,19 @@ def derived_spec(model: nn.Module) -> PermutationSpec | None:
 
 
 def has_activation_points(model: nn.Module) -> bool:
-    """Whether ``model`` declares ``activation_points()`` (activation matching and REPAIR need them here)."""
-    return isinstance(model, PermutableModel)
+    """Whether ``model`` has activation points for every permutation (activation matching and ZipIt! need them):
+    its own ``activation_points()``, or ones derived with its spec by :func:`model_spec`."""
+    return isinstance(model, PermutableModel) or _points_missing(model) == []
+
+
+def _points_missing(model: nn.Module) -> list[str] | None:
+    """The permutations of ``model``'s derived spec that got no derived activation point; None when no spec was
+    derived for it."""
+    spec = derived_spec(model)
+    if spec is None:
+        return None
+    points = model.__dict__.get(DERIVED_POINTS_ATTRIBUTE) or {}
+    return sorted(set(spec.perm_names) - set(points))
 
 
 def _on_model_device(
@@ -99,10 +113,22 @@ def _on_model_device(
 
 
 def activation_points(model: nn.Module) -> dict[str, str]:
-    """``model``'s activation points; ``TypeError`` naming the class when it declares none."""
-    if not isinstance(model, PermutableModel):
+    """``model``'s activation points: its own ``activation_points()``, else those derived with its spec by
+    :func:`model_spec`; ``TypeError`` naming the class (and the permutations without one) when there are none."""
+    if isinstance(model, PermutableModel):
+        return model.activation_points()
+    missing = _points_missing(model)
+    if missing is None:
         raise TypeError(
-            f"{type(model).__name__} is not a PermutableModel: it declares no activation_points() (a derived "
-            "permutation spec has none), so activation matching ('am') cannot align it; use 'wm', 'ste' or 'np'"
+            f"{type(model).__name__} is not a PermutableModel and its permutation spec was not derived yet, so it "
+            "has no activation points: call model_spec(model, example_input) first (merge_pair and "
+            "PermutationMerge do it), or give the model permutation_spec() and activation_points()"
         )
-    return model.activation_points()
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__}'s derived spec has permutations {missing} with no module whose output carries "
+            "their units on axis 1 once per forward (a module called twice, or units only on the last axis of a "
+            "3-d tensor), so activation matching cannot record them: use 'wm', 'ste' or 'np', or give the model "
+            "permutation_spec() and activation_points()"
+        )
+    return dict(model.__dict__[DERIVED_POINTS_ATTRIBUTE])
