@@ -76,7 +76,8 @@ def merge_reply(
         surrogate is built (or the sample count must be counted): every batch is held in memory meanwhile.
     surrogate : str | SurrogateConfig (default: "random")
         The kind of surrogate: "random" (random images per class), "herding", "kcenter" (coresets chosen in the
-        model's penultimate feature space), "condensed" (gradient matching; slow) or "none"; or a full
+        model's penultimate feature space), "condensed" (gradient matching from real images; slow),
+        "condensed-noise" (gradient matching from noise: no raw image is sent) or "none"; or a full
         :class:`fedmerge.surrogate.SurrogateConfig`.
     per_class : int (default: 10)
         Surrogate images per class (ignored when ``surrogate`` is a SurrogateConfig).

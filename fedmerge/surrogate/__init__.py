@@ -1,6 +1,8 @@
 """Client data surrogates: coresets (random, herding, k-center) and gradient-matching condensation."""
 
 from fedmerge.surrogate.build import (
+    CONDENSED_INIT,
+    RAW_IMAGE_KINDS,
     SURROGATE_KINDS,
     SurrogateConfig,
     build_surrogate,
@@ -11,6 +13,8 @@ from fedmerge.surrogate.condense import CondenseConfig, condense_gradient_matchi
 from fedmerge.surrogate.coreset import herding_coreset, kcenter_coreset, random_coreset
 
 __all__ = [
+    "CONDENSED_INIT",
+    "RAW_IMAGE_KINDS",
     "SURROGATE_KINDS",
     "CondenseConfig",
     "SurrogateConfig",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,15 +17,22 @@ from fedmerge.surrogate.condense import CondenseConfig, condense_gradient_matchi
 from fedmerge.surrogate.coreset import herding_coreset, kcenter_coreset, random_coreset
 from fedmerge.train import batches
 
-SURROGATE_KINDS = ("none", "random", "herding", "kcenter", "condensed")
+SURROGATE_KINDS = ("none", "random", "herding", "kcenter", "condensed", "condensed-noise")
+CONDENSED_INIT = {"condensed": "real", "condensed-noise": "noise"}
+"""The condensed kinds and where their synthetic images start: from real training images, or from noise (then no
+raw image is sent)."""
+RAW_IMAGE_KINDS = ("random", "herding", "kcenter")
+"""The kinds that send some of the client's training images unchanged (with their labels)."""
 
 
 @dataclass(frozen=True)
 class SurrogateConfig:
     """What a client sends besides its weights.
 
-    ``kind``: "none", "random" (the paper's main coreset), "herding", "kcenter" or "condensed"
-    (gradient matching). ``per_class``: images per class (the IPC for "condensed").
+    ``kind``: "none", "random" (the paper's main coreset), "herding", "kcenter", "condensed" (gradient matching
+    from real images) or "condensed-noise" (gradient matching from standard-normal noise: no raw image is sent).
+    ``per_class``: images per class (the IPC for the condensed kinds). ``condense``: the condensation's knobs; the
+    condensed kinds set its ``init``.
     """
 
     kind: str = "random"
@@ -64,10 +72,11 @@ def build_surrogate(
         return None
     if config.kind == "random":
         return random_coreset(data, config.per_class, seed)
-    if config.kind == "condensed":
+    if config.kind in CONDENSED_INIT:
         if model is None:
             raise ValueError("a condensed surrogate needs the client's model (its architecture) to match gradients on")
-        return condense_gradient_matching(data, config.ipc, fresh_model_factory(model), config.condense, seed, device)
+        condense = dataclasses.replace(config.condense, init=CONDENSED_INIT[config.kind])
+        return condense_gradient_matching(data, config.ipc, fresh_model_factory(model), condense, seed, device)
     features = penultimate_features(model, data) if model is not None else None
     select = herding_coreset if config.kind == "herding" else kcenter_coreset
     return select(data, config.per_class, features, seed)
