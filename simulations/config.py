@@ -104,6 +104,7 @@ _KEYS: dict[str, _Key] = {
     "defences": _Key(True, bool),
     "max-count-ratio": _Key(3.0, float, minimum=0),
     "max-weight-share": _Key(1.0, float, minimum=0, exclusive=True),
+    "max-share-ratio": _Key(1.25, float, minimum=0),
     "norm-outlier-ratio": _Key(10.0, float, minimum=0),
     "model-check-ratio": _Key(0.25, float, minimum=0),
     "surrogate-check": _Key("leave-out", str, SURROGATE_ACTIONS),
@@ -227,6 +228,7 @@ def _defences(values: Mapping[str, ConfigValue]) -> Defences:
     ranges = {
         "max-count-ratio": ("0 (no cap) or >= 1", lambda v: v == 0 or v >= 1),
         "max-weight-share": ("<= 1 (1: no cap)", lambda v: v <= 1),
+        "max-share-ratio": ("0 (no cap) or >= 1", lambda v: v == 0 or v >= 1),
         "norm-outlier-ratio": ("0 (no check) or > 1", lambda v: v == 0 or v > 1),
         "model-check-ratio": ("< 1 (0: no check)", lambda v: v < 1),
         "surrogate-check-ratio": ("< 1", lambda v: v < 1),
@@ -238,6 +240,7 @@ def _defences(values: Mapping[str, ConfigValue]) -> Defences:
         enabled=bool(values["defences"]),
         max_count_ratio=float(values["max-count-ratio"]),
         max_weight_share=float(values["max-weight-share"]),
+        max_share_ratio=float(values["max-share-ratio"]),
         norm_outlier_ratio=float(values["norm-outlier-ratio"]),
         model_ratio=float(values["model-check-ratio"]),
         surrogate_check=str(values["surrogate-check"]),

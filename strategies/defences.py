@@ -41,13 +41,19 @@ is logged at WARNING level naming the client. The rules, in the order :func:`app
 4. **Cap on one client's merge weight** (:func:`cap_counts`), on the clients left after rules 1-3 (when at least
    ``min_clients`` were accepted, even if only two are left): a client's sample count (which decides its merge
    weight, ``lambda = n_B / (n_A + n_B)``) is clipped to ``max_count_ratio`` (default 3) x the median count of the
-   *other* clients, and then, when ``max_weight_share`` < 1, so that no client holds more than that share of the
-   total (a share below ``1 / clients`` is raised to it). The clipped count is what the merge, the distillation
-   teacher and the round's metrics use. In Dirichlet(0.5) splits (2..16 clients, 50 seeds each) no client had
-   more than 2.2 x the others' median, so honest clients of such splits keep their counts; a claim of 10^9
-   examples among three clients of ~600 counts 3 x 600 (60 % of the weight, not 100 %), among eight 3/10 of the
-   weight. ``max_weight_share`` is off by default: with two or three clients a cap of 0.5 would also clip honest
-   clients of unequal size.
+   *other* clients, and then so that no client holds more than ``max_share_ratio`` (default 1.25) x an equal share
+   (1 / clients) of the total, nor more than ``max_weight_share`` of it (off by default), by water filling: the
+   largest counts are lowered to one level, the shares renormalised, until every share is within the cap. The
+   clipped count is what the merge, the distillation teacher and the round's metrics use. The same relative cap
+   holds in every pairwise merge of the tree and all-to-one schedules (:mod:`strategies.schedule`): no client holds
+   more than ``max_share_ratio`` / m of a merge of m clients, so a client with an inflated count cannot dominate
+   the first merges it is in (there its count is set against one or three others, not the round's median). Why
+   1.25: an STE tree is fragile to one dominant client: on MNIST Dirichlet(0.5), 8 clients, one client counting
+   1.5 x the others' median (18 % of the weight, 66 % of its first merge) cost 4.0 points, 3 x the median (its old
+   cap) 12.3, while weighting all clients equally cost nothing (+1.1). A claim of 10^9 examples among eight
+   clients now counts 1.25 / 8 of the weight and 62.5 % of its first merge at most. Honest clients of Dirichlet
+   splits that hold more than 1.25 x an equal share are clipped too (logged): their weight is lowered to the cap,
+   they are still merged.
 
 Rules 2 and 3 need surrogates from at least ``min_clients`` clients and a model to evaluate (the strategy's
 template; each client's model makes one pass over all the surrogates, on the merge's device), and a score judges
@@ -113,6 +119,9 @@ class Defences:
     min_clients : int (default: 3)
         The fewest accepted clients the defences judge (fewer: nothing is checked); the model and surrogate checks
         also need that many surrogates.
+    max_share_ratio : float (default: 1.25)
+        No client may hold more than this multiple of an equal share of the round's total count (1 / clients), nor
+        of any pairwise merge in the tree and all-to-one schedules (1 / clients in the merge) (0: no cap; else >= 1).
     """
 
     enabled: bool = True
@@ -123,10 +132,13 @@ class Defences:
     surrogate_check: str = "leave-out"
     surrogate_ratio: float = 0.5
     min_clients: int = 3
+    max_share_ratio: float = 1.25
 
     def __post_init__(self) -> None:
         if self.max_count_ratio != 0 and not self.max_count_ratio >= 1:
             raise ValueError(f"max_count_ratio must be 0 (no clip) or >= 1, got {self.max_count_ratio}")
+        if self.max_share_ratio != 0 and not self.max_share_ratio >= 1:
+            raise ValueError(f"max_share_ratio must be 0 (no cap) or >= 1, got {self.max_share_ratio}")
         if not 0 < self.max_weight_share <= 1:
             raise ValueError(f"max_weight_share must be in (0, 1] (1: no cap), got {self.max_weight_share}")
         if self.norm_outlier_ratio != 0 and not self.norm_outlier_ratio > 1:
@@ -161,6 +173,9 @@ def describe_defences(defences: Defences) -> str:
         else "no surrogate check",
         f"counts capped at {defences.max_count_ratio:g}x the others' median" if defences.max_count_ratio else "",
         f"weight share capped at {defences.max_weight_share:g}" if defences.max_weight_share < 1 else "",
+        f"shares capped at {defences.max_share_ratio:g}x an equal share of the round and of every merge"
+        if defences.max_share_ratio
+        else "",
     ]
     return ", ".join(p for p in parts if p) + f" (with at least {defences.min_clients} clients)"
 
@@ -168,14 +183,16 @@ def describe_defences(defences: Defences) -> str:
 @dataclass
 class DefenceReport:
     """What :func:`apply_defences` decided: the updates to merge (counts clipped, surrogates dropped), the clients
-    left out, those whose count was clipped and those whose surrogate was dropped (client, reason), and the checks
-    that were skipped (with why)."""
+    left out, those whose count was clipped and those whose surrogate was dropped (client, reason), the checks
+    that were skipped (with why), and the share cap every pairwise merge of the round must keep (``share_ratio``,
+    :func:`strategies.schedule.run_schedule`; 0: none, when the defences are off or judged nobody)."""
 
     updates: list[ClientUpdate]
     left_out: LeftOut = field(default_factory=list)
     clipped: LeftOut = field(default_factory=list)
     surrogates_dropped: LeftOut = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    share_ratio: float = 0.0
 
 
 def _skip(skipped: list[str] | None, what: str) -> None:
@@ -187,7 +204,7 @@ def _skip(skipped: list[str] | None, what: str) -> None:
 # --------------------------------------------------------------------------------------------------- sample counts
 
 
-def _share_cap(counts: Sequence[float], share: float) -> float:
+def share_cap(counts: Sequence[float], share: float) -> float:
     """The count c such that clipping every count to c leaves no count above ``share`` of the total (water filling;
     ``share`` below ``1 / len(counts)`` is raised to it)."""
     share = max(share, 1.0 / len(counts))
@@ -208,12 +225,14 @@ def cap_counts(
     max_weight_share: float = 1.0,
     min_clients: int = 3,
     skipped: list[str] | None = None,
+    max_share_ratio: float = 0.0,
 ) -> tuple[list[ClientUpdate], LeftOut]:
     """Clip the sample counts that would give one client too large a merge weight.
 
-    A count is clipped to ``max_count_ratio`` x the median of the other clients' counts (0: no such clip), then,
-    when ``max_weight_share`` < 1, to the largest count that keeps every client's share of the total at most
-    ``max_weight_share``. Clipped clients are copies (the input is not changed); each clip is logged.
+    A count is clipped to ``max_count_ratio`` x the median of the other clients' counts (0: no such clip), then to
+    the largest count that keeps every client's share of the total at most ``max_weight_share`` and at most
+    ``max_share_ratio`` / clients (0: no such cap), by water filling (:func:`share_cap`). Clipped clients are copies
+    (the input is not changed); each clip is logged, naming the client.
 
     Returns
     -------
@@ -221,7 +240,8 @@ def cap_counts(
         The updates (in order, clipped ones replaced by copies) and (client, reason) for each clipped client.
     """
     updates = list(updates)
-    if not max_count_ratio and max_weight_share >= 1:
+    share = min(max_weight_share, max_share_ratio / len(updates) if max_share_ratio and updates else 1.0)
+    if not max_count_ratio and share >= 1:
         return updates, []
     if len(updates) < min_clients:
         _skip(skipped, f"count cap skipped: {len(updates)} client(s), it needs at least {min_clients}")
@@ -238,13 +258,14 @@ def cap_counts(
         else ""
         for i in range(len(updates))
     ]
-    if max_weight_share < 1:
+    if share < 1:
         after = [min(n, c) for n, c in zip(counts, caps, strict=True)]
-        share_cap = _share_cap(after, max_weight_share)
+        cap = share_cap(after, share)
+        relative = f" ({max_share_ratio:g} x an equal share)" if share < max_weight_share else ""
         for i in range(len(updates)):
-            if share_cap < caps[i]:
-                caps[i] = share_cap
-                reasons[i] = f"the largest count that keeps every client within {max_weight_share:g} of the total"
+            if cap < caps[i]:
+                caps[i] = cap
+                reasons[i] = f"the largest count that keeps every client within {share:.3g}{relative} of the total"
     result, clipped = [], []
     for update, count, cap, reason in zip(updates, counts, caps, reasons, strict=True):
         if count <= cap:
@@ -584,7 +605,10 @@ def apply_defences(
             log.exception("defences: the model / surrogate checks failed; they are skipped")
     try:
         # with min_clients accepted, the cap still applies when checks left fewer (a claim is judged against the rest)
-        kept, report.clipped = cap_counts(kept, defences.max_count_ratio, defences.max_weight_share, 2, skipped)
+        kept, report.clipped = cap_counts(
+            kept, defences.max_count_ratio, defences.max_weight_share, 2, skipped, defences.max_share_ratio
+        )
+        report.share_ratio = defences.max_share_ratio
     except Exception:  # a defence never ends the round
         log.exception("defences: the count cap failed; it is skipped")
     report.updates = kept

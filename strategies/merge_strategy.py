@@ -239,7 +239,12 @@ class PermutationMerge(SortedFedAvg):
             if update.surrogate is None and self.want_surrogate:
                 log.warning("%s sent no surrogate: it is merged by data-free weight matching", update.name)
         merged, self.merge_steps = run_schedule(
-            self.schedule, self.model, [MergeNode.from_update(u) for u in updates], self.merge, self.runner
+            self.schedule,
+            self.model,
+            [MergeNode.from_update(u) for u in updates],
+            self.merge,
+            self.runner,
+            self.defence_report.share_ratio,  # the defences' cap on one client's share of every merge
         )
         if self.merge_steps:
             log.info(

@@ -95,10 +95,16 @@ def left_out_names(report) -> list[str]:
 
 def test_honest_non_iid_clients_all_pass(honest, template, caplog):
     with caplog.at_level(logging.INFO, logger="strategies"):
-        report = apply_defences(honest, Defences(), template)
+        report = apply_defences(honest, Defences(max_share_ratio=0), template)
     assert not report.left_out and not report.clipped and not report.surrogates_dropped and not report.skipped
     assert report.updates == honest  # nothing copied or changed
     assert "defences: all 5 client(s) passed" in caplog.text
+    # with the default share cap, the largest honest client (more than 1.25 x an equal share here) is clipped to
+    # that share, not left out
+    report = apply_defences(honest, Defences(), template)
+    counts = [u.num_examples for u in report.updates]
+    assert not report.left_out and len(report.updates) == len(honest)
+    assert max(counts) / sum(counts) <= 1.25 / len(honest) + 1e-3
 
 
 def test_honest_norms_stay_close_to_the_median(honest):
@@ -236,9 +242,13 @@ def test_two_clients_are_not_judged(honest, template, caplog):
 def test_the_cap_still_applies_when_the_checks_leave_two_of_three(honest):
     three = with_hostile(honest[:3], num_examples=10**9)
     three[0] = dataclasses.replace(three[0], state=scaled(three[0].state, 100.0))
-    report = apply_defences(three, Defences(), None)
+    report = apply_defences(three, Defences(max_share_ratio=0), None)
     assert left_out_names(report) == ["client 0 (node 100)"] and [w for w, _ in report.clipped] == [NAME]
     assert report.updates[1].num_examples == 3 * honest[1].num_examples
+    report = apply_defences(three, Defences(), None)  # the share cap: 1.25 / 2 of the two clients left
+    assert [w for w, _ in report.clipped] == [NAME] and report.share_ratio == 1.25
+    counts = [u.num_examples for u in report.updates]
+    assert counts[1] / sum(counts) <= 0.625 + 1e-3
 
 
 # ------------------------------------------------------------------------------------------ switches, strategies
@@ -248,7 +258,9 @@ def test_the_defences_can_be_switched_off(honest, template):
     updates = with_hostile(honest, state=scaled(honest[HOSTILE].state, 100.0), num_examples=10**9)
     report = apply_defences(updates, Defences.off(), template)
     assert report.updates == updates and not report.left_out and not report.clipped
-    partial = apply_defences(updates, Defences(norm_outlier_ratio=0, max_count_ratio=0, model_ratio=0), template)
+    partial = apply_defences(
+        updates, Defences(norm_outlier_ratio=0, max_count_ratio=0, model_ratio=0, max_share_ratio=0), template
+    )
     assert not partial.left_out and not partial.clipped  # x100 weights still agree with the surrogates
 
 
@@ -305,7 +317,8 @@ def test_permutation_merge_leaves_out_a_hostile_surrogate_and_duplicate_ids(hone
 
 def test_run_config_keys_parse_into_the_strategies():
     assert settings_from_run_config({}, 3).defences == Defences()
-    for key in ("defences", "max-count-ratio", "max-weight-share", "norm-outlier-ratio", "surrogate-check"):
+    keys = ("defences", "max-count-ratio", "max-weight-share", "max-share-ratio", "norm-outlier-ratio")
+    for key in (*keys, "surrogate-check"):
         assert key in DEFAULT_RUN_CONFIG
     overrides = {
         "defences": False,
@@ -315,9 +328,10 @@ def test_run_config_keys_parse_into_the_strategies():
         "model-check-ratio": 0.0,
         "surrogate-check": "drop-surrogate",
         "surrogate-check-ratio": 0.3,
+        "max-share-ratio": 2.0,
     }
     settings = settings_from_run_config(overrides, 3)
-    assert settings.defences == Defences(False, 5.0, 0.5, 20.0, 0.0, "drop-surrogate", 0.3)
+    assert settings.defences == Defences(False, 5.0, 0.5, 20.0, 0.0, "drop-surrogate", 0.3, max_share_ratio=2.0)
     for strategy in ("merge", "fedavg"):
         run = settings_from_run_config(overrides | {"strategy": strategy, "merge-workers": 0}, 3)
         assert make_strategy(run, template_model(run), 3).defences == settings.defences
@@ -329,6 +343,7 @@ def test_run_config_keys_parse_into_the_strategies():
         ("defences", 1, "'defences' must be true or false"),
         ("max-weight-share", 1.5, "'max-weight-share' must be <= 1"),
         ("max-weight-share", 0, "'max-weight-share' must be > 0"),
+        ("max-share-ratio", 0.5, "'max-share-ratio' must be 0 \\(no cap\\) or >= 1"),
         ("max-count-ratio", 0.5, "'max-count-ratio' must be 0 \\(no cap\\) or >= 1"),
         ("norm-outlier-ratio", 1.0, "'norm-outlier-ratio' must be 0 \\(no check\\) or > 1"),
         ("surrogate-check", "maybe", "'surrogate-check' must be one of leave-out, drop-surrogate, off"),
@@ -375,3 +390,58 @@ def test_the_robustness_benchmark_runs_and_resumes(tmp_path):
     assert "| claims-1e9 |" in report and "False positives on the clean run" in report
     assert robustness.main(argv) == 0  # resumed: nothing left to run
     assert len(pd.read_csv(tmp_path / "robustness.csv")) == 4
+
+
+def test_the_relative_share_cap_holds_a_huge_claim_to_its_equal_share_times_the_ratio(caplog):
+    """Among 8 clients of 600 examples, a claim of 10^9 counts at most 1.25 / 8 of the round's weight, named."""
+    updates = [ClientUpdate(k, k, {}, 10**9 if k == 1 else 600) for k in range(8)]
+    with caplog.at_level(logging.WARNING, logger="strategies"):
+        capped, clipped = cap_counts(updates, max_share_ratio=1.25)
+    counts = [u.num_examples for u in capped]
+    assert counts[1] / sum(counts) <= 1.25 / 8 + 1e-3 and counts[1] >= 600
+    assert counts[:1] + counts[2:] == [600] * 7
+    assert [who for who, _ in clipped] == ["client 1 (node 1)"] and "1.25 x an equal share" in clipped[0][1]
+    assert "client 1 (node 1)" in caplog.text
+    honest = [ClientUpdate(k, k, {}, n) for k, n in enumerate([500, 600, 700, 600])]  # 700 / 2400 < 1.25 / 4
+    assert cap_counts(honest, max_share_ratio=1.25) == (honest, [])
+    with pytest.raises(ValueError, match="max_share_ratio"):
+        Defences(max_share_ratio=0.5)
+
+
+class _FakeRunner:
+    """Merges nothing: records each job's lambda."""
+
+    def __init__(self) -> None:
+        self.lams: list[float] = []
+
+    def run(self, model: torch.nn.Module, jobs: list) -> list:
+        from fedmerge.merge.pairwise import MergeResult
+
+        self.lams += [job.lam for job in jobs]
+        return [MergeResult(job.a.state, {}, "average", 0.0) for job in jobs]
+
+
+@pytest.mark.parametrize("schedule", ["tree", "all-to-one"])
+def test_no_client_holds_more_than_its_share_of_any_merge(schedule, caplog):
+    """A client whose count is within the round's cap (1.25 / 8 of it) but which sits next to a small client would
+    hold 70 % of its first merge by the counts: lambda is moved so that it holds at most 1.25 / m of every merge of m
+    clients, and the log names it; equal counts are merged as before."""
+    from strategies.schedule import MergeNode, run_schedule
+
+    counts = [400, 1000, 600, 600, 600, 600, 600, 600]
+    nodes = [MergeNode({}, (k,), n, None) for k, n in enumerate(counts)]
+    model, config = torch.nn.Linear(1, 1), MergeConfig("average")
+    with caplog.at_level(logging.WARNING, logger="strategies"):
+        merged, steps = run_schedule(schedule, model, nodes, config, _FakeRunner(), 1.25)
+    shares = dict(zip(merged.members, merged.member_shares, strict=True))
+    assert abs(sum(shares.values()) - 1) < 1e-9 and max(shares.values()) <= 1.25 / 8 + 1e-9
+    if schedule == "tree":
+        assert steps[0].lam == pytest.approx(0.625)  # not 1000 / 1400
+        assert "client 1 would hold 71.4 %" in caplog.text
+    uncapped, _ = run_schedule(schedule, model, nodes, config, _FakeRunner())
+    assert max(uncapped.member_shares) == pytest.approx(1000 / sum(counts))
+    caplog.clear()
+    equal = [MergeNode({}, (k,), 600, None) for k in range(8)]
+    with caplog.at_level(logging.WARNING, logger="strategies"):
+        same, _ = run_schedule(schedule, model, equal, config, _FakeRunner(), 1.25)
+    assert "would hold" not in caplog.text and same.member_shares == pytest.approx([1 / 8] * 8)

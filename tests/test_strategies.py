@@ -16,6 +16,7 @@ from fedmerge.merge.functional import load_state
 from fedmerge.models import build_model
 from fedmerge.train import TrainConfig, evaluate
 from strategies import PermutationMerge, SortedFedAvg, client_reply, read_reply
+from strategies.defences import Defences
 from strategies.messages import ClientUpdate, train_config
 from strategies.parallel import RayRunner, SequentialRunner
 from strategies.schedule import MergeNode, run_schedule
@@ -303,7 +304,7 @@ def test_sorted_fedavg_averages_by_sample_count_in_partition_order():
     states = [small_mlp(k).state_dict() for k in range(3)]
     counts = [10, 30, 60]
     replies = [reply(k, state=states[k], num_examples=n, data=None) for k, n in enumerate(counts)]
-    strategy = SortedFedAvg(NUM_CLASSES)
+    strategy = SortedFedAvg(NUM_CLASSES, defences=Defences(max_share_ratio=0))  # 60 of 100: above 1.25 / 3
     arrays, metrics = strategy.aggregate_train(1, [replies[2], failed_reply(3), replies[0], replies[1]])
     expected = weighted_average(states, [10.0, 30.0, 60.0])
     assert_states_equal(arrays.to_torch_state_dict(), expected)
