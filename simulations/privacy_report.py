@@ -109,7 +109,7 @@ def measure_kind(settings: RunSettings, num_clients: int, kind: str, examples: i
     """Build every client's surrogate of ``kind``, measure how close it is to the client's training set, merge."""
     started = time.perf_counter()
     updates = client_updates(settings, num_clients, 1, None, want_surrogate=True)
-    distances, similarity, exact, near, thresholds = [], [], [], [], []
+    distances, similarity, exact, near, thresholds, singled = [], [], [], [], [], []
     shown: tuple[torch.Tensor, ...] = ()
     for update in updates:
         if update.surrogate is None:
@@ -122,6 +122,7 @@ def measure_kind(settings: RunSettings, num_clients: int, kind: str, examples: i
         similarity.append(found.similarity)
         exact.append(found.exact)
         near.append(found.near)
+        singled.append(found.singled_out)
         thresholds.append(found.near_threshold)
         if not shown:
             shown = _examples(sent, update.surrogate.y, train, examples)
@@ -144,6 +145,7 @@ def measure_kind(settings: RunSettings, num_clients: int, kind: str, examples: i
         "exact-copies": round(float(torch.cat(exact).double().mean()), 4),
         "near-copies": round(float(torch.cat(near).double().mean()), 4),
         "near-threshold-l2": round(statistics.mean(thresholds), 4),
+        "singles-out": round(float(torch.cat(singled).double().mean()), 4),
         "acc_merged_global": round(accuracy, 2),
         "clients-merged": len(kept),
         "left-out": "; ".join(who for who, _ in strategy.left_out),
@@ -162,7 +164,7 @@ def measure_reference(settings: RunSettings, num_clients: int, sample: int = 200
     for k in range(num_clients):
         train = to_pixels(client_train_data(settings.federation, k).x, _dataset(settings, k))
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed + k))[:sample]
-        found = exposure(train[pick], train, reference=torch.ones(1), own_rows=pick)
+        found = exposure(train[pick], train, reference=torch.ones(1, 2), own_rows=pick)
         distances.append(found.distance)
         similarity.append(found.similarity)
     distance, ssim_ = torch.cat(distances), torch.cat(similarity)
@@ -196,6 +198,9 @@ def write_report(rows: pd.DataFrame, path: Path) -> Path:
         "pixel units: the L2 distance to the nearest training image and the highest SSIM with one of its 5 nearest "
         "(1 = identical); exact copies (L2 ~0) and near copies (closer than 95 % of the training images are to their "
         "own nearest other training image: the L2 threshold is shown); and the merged model's global test accuracy. "
+        "Singles out: the nearest training image is much closer than the second nearest (their distance ratio is "
+        "below its 5th percentile among the training images themselves): the sent image is made from that one image "
+        "(a copy, or a blurred or perturbed copy), not a class-typical picture. "
         "The reference row is training images against the rest of their own training set. "
         "Written by `python -m simulations.privacy_report`.",
     ]
@@ -209,8 +214,9 @@ def write_report(rows: pd.DataFrame, path: Path) -> Path:
             f"Setting `{setting}`, seed {first['seed']}; config: `{first['cfg']}`; versions: {first['versions']}.",
             "",
             "| surrogate | what is sent | images | L2 to nearest: min / median / mean | SSIM: median / max | "
-            "exact copies | near copies | merged accuracy | clients merged | build s / client |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "exact copies | near copies | singles out one training image | merged accuracy | clients merged | "
+            "build s / client |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for _, row in group.sort_values("kind", key=lambda s: s.map(ORDER.get)).iterrows():
             reference = row["kind"] == REFERENCE
@@ -220,7 +226,12 @@ def write_report(rows: pd.DataFrame, path: Path) -> Path:
                 f"| {row['kind']} | {row['sent']} | {row['images']} | {float(row['l2-min']):.2f} / "
                 f"{float(row['l2-median']):.2f} / {float(row['l2-mean']):.2f} | {float(row['ssim-median']):.2f} / "
                 f"{float(row['ssim-max']):.2f} | {'' if reference else _pct(float(row['exact-copies']))} | {near} | "
-                + ("| | |" if reference else f"{float(row['acc_merged_global']):.1f} | {row['clients-merged']} | ")
+                + ("" if reference else _pct(float(row.get("singles-out", float("nan")))))
+                + (
+                    " | | | |"
+                    if reference
+                    else f" | {float(row['acc_merged_global']):.1f} | {int(float(row['clients-merged']))} | "
+                )
                 + ("" if reference else f"{float(row['surrogate-seconds']):.1f} |")
             )
     path.write_text("\n".join(lines) + "\n")

@@ -3,8 +3,11 @@
 Work in pixel space ([0, 1] values; :func:`to_pixels` undoes a dataset's normalisation). For each sent image,
 :func:`nearest_images` finds its ``k`` nearest training images by L2 distance; :func:`exposure` adds the SSIM
 (:func:`ssim`, a Gaussian-window SSIM of Wang et al. 2004) with those neighbours and flags exact copies (L2 below
-``exact_tol``) and near copies: images closer to a training image than ``near_quantile`` of the training images are to
-their own nearest other training image (the training set's "distance to closest record" scale).
+``exact_tol``), near copies: images closer to a training image than ``near_quantile`` of the training images are to
+their own nearest other training image (the training set's "distance to closest record" scale), and images that
+single out one training image: whose nearest training image is much closer than the second nearest (the ratio of the
+two distances below its ``near_quantile`` among the training images themselves). An image made from one training
+image (a blurred or perturbed copy) singles it out even when it is not near in L2; a class-typical image does not.
 """
 
 from __future__ import annotations
@@ -81,21 +84,27 @@ def nearest_images(
 @dataclass(frozen=True)
 class Exposure:
     """Per sent image: L2 distance to the nearest training image, the highest SSIM with one of its ``k`` nearest,
-    and whether it is an exact or a near copy (see the module docstring); ``near_threshold`` is the L2 distance
-    below which an image counts as a near copy."""
+    whether it is an exact or a near copy, and whether it singles out one training image (see the module docstring);
+    ``near_threshold`` and ``ratio_threshold`` are the L2 distance and the distance ratio below which an image counts
+    as a near copy and as singling out its nearest training image."""
 
     distance: torch.Tensor
     similarity: torch.Tensor
     exact: torch.Tensor
     near: torch.Tensor
     near_threshold: float
+    ratio: torch.Tensor
+    """Distance to the nearest training image over distance to the second nearest."""
+    singled_out: torch.Tensor
+    ratio_threshold: float
 
 
 def reference_distances(train: torch.Tensor, sample: int = 500, seed: int = 0) -> torch.Tensor:
-    """Distances from up to ``sample`` random training images to their nearest *other* training image."""
+    """Distances (n x 2) from up to ``sample`` random training images to their two nearest *other* training
+    images."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:sample]
-    distances, _ = nearest_images(train[pick], train, own_rows=pick)
-    return distances[:, 0]
+    distances, _ = nearest_images(train[pick], train, k=2, own_rows=pick)
+    return distances
 
 
 def exposure(
@@ -108,14 +117,29 @@ def exposure(
     own_rows: torch.Tensor | None = None,
 ) -> Exposure:
     """How exposed ``train`` is by ``sent`` (both in pixel units, N x C x H x W). ``reference``: the training set's
-    own nearest-neighbour distances (:func:`reference_distances`, computed when None); ``own_rows``: ``sent`` are
-    these rows of ``train``, each compared with the rest (see :func:`nearest_images`)."""
+    own distances to the two nearest neighbours (:func:`reference_distances`, computed when None); ``own_rows``:
+    ``sent`` are these rows of ``train``, each compared with the rest (see :func:`nearest_images`)."""
     reference = reference if reference is not None else reference_distances(train)
-    distances, indices = nearest_images(sent, train, k, own_rows=own_rows)
+    distances, indices = nearest_images(sent, train, max(k, 2), own_rows=own_rows)
     similarity = torch.stack(
         [ssim(sent, train[indices[:, j]]) for j in range(indices.shape[1])],
         dim=1,
     ).amax(1)
-    threshold = float(torch.quantile(reference.double(), near_quantile))
-    nearest = distances[:, 0]
-    return Exposure(nearest, similarity, nearest <= exact_tol, nearest < threshold, threshold)
+    threshold = float(torch.quantile(reference[:, 0].double(), near_quantile))
+    ratio_threshold = float(torch.quantile(_ratio(reference).double(), near_quantile))
+    nearest, ratio = distances[:, 0], _ratio(distances)
+    return Exposure(
+        nearest,
+        similarity,
+        nearest <= exact_tol,
+        nearest < threshold,
+        threshold,
+        ratio,
+        ratio < ratio_threshold,
+        ratio_threshold,
+    )
+
+
+def _ratio(distances: torch.Tensor) -> torch.Tensor:
+    """Nearest over second-nearest distance, per row (0 when both are 0: an exact copy of duplicated images)."""
+    return distances[:, 0] / distances[:, 1].clamp_min(1e-12)
