@@ -158,7 +158,8 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
         "",
         "DENSE sends no client data to the server; our pipeline receives each client's surrogate. The 1/class rows "
         "and the noise-initialised condensed rows (no raw image leaves a client; see `../privacy.md`) are the "
-        "closest to its setting. Their clients were trained for 200 local epochs; ours for the epochs above.",
+        "closest to its setting. Our clients were trained for the epochs above, not with DENSE's local recipe, so "
+        "the two ensembles differ: compare each pipeline with the ensemble and FedAvg of its own row block first.",
         "",
         f"![{figure.stem}]({figure.name})",
         "",
