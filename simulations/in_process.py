@@ -54,6 +54,7 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
         start = global_state if strategy.starts_from_global(server_round) else None
         updates = client_updates(settings, num_clients, server_round, start, strategy.want_surrogate)
         began = time.perf_counter()
+        strategy.left_out = []  # this round's, as aggregate_train's reply checks start it
         updates = strategy.defend(updates)  # as aggregate_train does after its reply checks
         global_state = strategy.combine(updates)
         strategy.round_upload_bytes[server_round] = upload_bytes(updates)
@@ -63,7 +64,7 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
     return RunOutcome(
         load_state(template, global_state),
         updates,
-        [],
+        strategy.left_out,
         merge_seconds,
         accuracies,
         merge_only,

@@ -72,3 +72,26 @@ def test_save_outputs_appends_rows_and_saves_each_model(outcome, tmp_path):
     assert list(rows["run-id"]) == [1, 2] and rows["model-file"].nunique() == 2
     saved = torch.load(rows["model-file"].iloc[0], weights_only=False)
     assert torch.equal(saved["state_dict"]["head.weight"], outcome.model.state_dict()["head.weight"])
+
+
+def test_in_process_runs_report_the_clients_the_defences_leave_out(monkeypatch):
+    """The in-process backend's outcome (and so its results row) names the clients the defences left out, round by
+    round, as the Flower ServerApp's does."""
+    from simulations import in_process
+    from strategies import fedavg
+    from strategies.defences import DefenceReport
+
+    def two_updates(settings, num_clients, server_round, start, want_surrogate):
+        state = template_model(settings).state_dict()
+        return [ClientUpdate(k, k, {n: t.clone() for n, t in state.items()}, 10 + k) for k in range(2)]
+
+    def leave_out_client_1(updates, *args, **kwargs):
+        return DefenceReport([updates[0]], left_out=[("client 1 (node 1)", "its surrogate fails the check")])
+
+    monkeypatch.setattr(in_process, "client_updates", two_updates)
+    monkeypatch.setattr(fedavg, "apply_defences", leave_out_client_1)
+    outcome = in_process.federate_in_process(
+        settings(method="average", **{"merge-workers": 0, "num-rounds": 2}), num_clients=2
+    )
+    assert outcome.left_out == [("client 1 (node 1)", "its surrogate fails the check")]  # this round's, not summed
+    assert [u.partition_id for u in outcome.updates] == [0]
