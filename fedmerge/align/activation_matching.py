@@ -7,6 +7,7 @@ correlate A's units with B's, and solve one assignment problem per permutation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -85,6 +86,33 @@ def _inputs(data: LabeledImages | torch.Tensor) -> torch.Tensor:
     return x
 
 
+def paired_activations(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    points: dict[str, str],
+    data: LabeledImages | torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Run both models on ``data`` batch by batch and yield, per batch, each model's recorded activations at
+    ``points`` (name -> module, as :func:`record_activations` takes them). Both models run in eval mode on
+    ``device``; their previous modes are restored when the iteration ends. Call it under ``torch.no_grad()``."""
+    x = _inputs(data)
+    modes = (model_a.training, model_b.training)
+    model_a.to(device).eval()
+    model_b.to(device).eval()
+    try:
+        with record_activations(model_a, points) as acts_a, record_activations(model_b, points) as acts_b:
+            for start in range(0, len(x), batch_size):
+                batch = x[start : start + batch_size].to(device)
+                model_a(batch)
+                model_b(batch)
+                yield acts_a, acts_b
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+
+
 @torch.no_grad()
 def activation_similarities(
     model_a: nn.Module,
@@ -108,22 +136,10 @@ def activation_similarities(
         raise ValueError(
             f"activation points {sorted(points)} do not match the spec's permutations {sorted(perm_names)}"
         )
-    x = _inputs(data)
-    modes = (model_a.training, model_b.training)
-    model_a.to(device).eval()
-    model_b.to(device).eval()
     moments = {p: _CrossMoments() for p in points}
-    try:
-        with record_activations(model_a, points) as acts_a, record_activations(model_b, points) as acts_b:
-            for start in range(0, len(x), batch_size):
-                batch = x[start : start + batch_size].to(device)
-                model_a(batch)
-                model_b(batch)
-                for p, m in moments.items():
-                    m.update(acts_a[p], acts_b[p])
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
+    for acts_a, acts_b in paired_activations(model_a, model_b, points, data, batch_size, device):
+        for p, m in moments.items():
+            m.update(acts_a[p], acts_b[p])
     return {p: m.similarity(metric).cpu() for p, m in moments.items()}
 
 

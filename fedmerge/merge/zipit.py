@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmerge.align.activation_matching import _CrossMoments, _inputs, record_activations
+from fedmerge.align.activation_matching import _CrossMoments, paired_activations
 from fedmerge.align.permute import Perms, State
 from fedmerge.align.weight_matching import solve_assignment
 from fedmerge.data.images import LabeledImages
@@ -111,23 +111,11 @@ def feature_correlations(
     (every spatial position of a conv feature map counts as a sample). Both models run in eval mode (their modes
     are restored)."""
     points = require_activation_points(model_a)
-    x = _inputs(data)
-    modes = (model_a.training, model_b.training)
-    model_a.to(device).eval()
-    model_b.to(device).eval()
     moments = {p: _CrossMoments() for p in points}
-    try:
-        with record_activations(model_a, points) as acts_a, record_activations(model_b, points) as acts_b:
-            for start in range(0, len(x), batch_size):
-                batch = x[start : start + batch_size].to(device)
-                model_a(batch)
-                model_b(batch)
-                for p, m in moments.items():
-                    both = torch.cat([acts_a[p], acts_b[p]], 1)
-                    m.update(both, both)
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
+    for acts_a, acts_b in paired_activations(model_a, model_b, points, data, batch_size, device):
+        for p, m in moments.items():
+            both = torch.cat([acts_a[p], acts_b[p]], 1)
+            m.update(both, both)
     return {p: _constant_features_alike(m.similarity("correlation"), m).cpu() for p, m in moments.items()}
 
 
