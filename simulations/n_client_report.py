@@ -11,7 +11,6 @@ recipe (``pooled-recipe``), the ensemble, and the federation's FedAvg after one 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.artist import Artist
 
-from simulations.results_io import read_rows
+from simulations.results_io import read_rows, report_main
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -203,13 +202,7 @@ def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.n_client_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", type=Path, nargs="?", default=Path("results/sweep/runs.csv"))
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(None if argv is None else list(argv))
-    for path in write_report(args.csv, args.out):
-        print(path)
-    return 0
+    return report_main("simulations.n_client_report", __doc__ or "", Path("results/sweep/runs.csv"), write_report, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Writes ``summary.md`` and ``one_shot.png`` next to the CSV.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from simulations.n_client_report import load_distilled_runs
+from simulations.results_io import report_main
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -186,13 +186,9 @@ def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.one_shot_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", type=Path, nargs="?", default=Path("results/one_shot/runs.csv"))
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(None if argv is None else list(argv))
-    for path in write_report(args.csv, args.out):
-        print(path)
-    return 0
+    return report_main(
+        "simulations.one_shot_report", __doc__ or "", Path("results/one_shot/runs.csv"), write_report, argv
+    )
 
 
 if __name__ == "__main__":

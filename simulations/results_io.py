@@ -11,10 +11,11 @@ cannot be rewritten (read-only results), the broken lines are left in it but sti
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,21 @@ def save_rows(csv_path: Path, rows: list[dict]) -> None:
     tmp = csv_path.with_suffix(".csv.tmp")
     pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
     tmp.replace(csv_path)
+
+
+def report_main(
+    module: str,
+    doc: str,
+    default_csv: Path,
+    write_report: Callable[[Path, Path | None], list[Path]],
+    argv: Iterable[str] | None = None,
+) -> int:
+    """The command line of a report made from one ``runs.csv``: ``python -m <module> [CSV] [--out FOLDER]`` calls
+    ``write_report(csv, out)`` and prints the paths it wrote. ``doc``'s first paragraph is the description."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("csv", type=Path, nargs="?", default=default_csv)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(None if argv is None else list(argv))
+    for path in write_report(args.csv, args.out):
+        print(path)
+    return 0
