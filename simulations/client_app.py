@@ -39,6 +39,7 @@ from strategies.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
     INIT_FROM_GLOBAL,
+    LABEL_COUNTS,
     SERVER_ROUND,
     WANT_SURROGATE,
     MetricValue,
@@ -219,6 +220,7 @@ def client_work(
         "surrogate-bytes": tensor_bytes([surrogate.x, surrogate.y]) if surrogate is not None else 0,
         "cached": int(cached),
         "peak-rss-mb": peak_rss_mb(),
+        LABEL_COUNTS: [int(n) for n in data.class_counts().tolist()],
     }
     log.info(
         "client %d, round %d: %d examples, train accuracy %.1f%% in %.1f s%s, surrogate %s",

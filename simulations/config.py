@@ -22,6 +22,7 @@ from fedmerge.models import MODEL_NAMES
 from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
 from fedmerge.train import TrainConfig
 from strategies.defences import SURROGATE_ACTIONS, Defences
+from strategies.merge_strategy import ENSEMBLE_WEIGHTINGS, EnsembleWeighting
 from strategies.schedule import SCHEDULES, Schedule
 
 STRATEGIES: tuple[str, ...] = ("merge", "fedavg")
@@ -99,6 +100,7 @@ _KEYS: dict[str, _Key] = {
     "distill-temperature": _Key(1.0, float, minimum=0, exclusive=True),
     "distill-label-weight": _Key(1.0, float, minimum=0),
     "distill-bank": _Key(0, int, minimum=0),
+    "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
     "defences": _Key(True, bool),
@@ -154,6 +156,7 @@ class RunSettings:
     distill_temperature: float = 1.0
     distill_label_weight: float = 1.0
     distill_bank: int = 0
+    ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
     seed: int = 0
@@ -285,6 +288,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_temperature=float(values["distill-temperature"]),
         distill_label_weight=float(values["distill-label-weight"]),
         distill_bank=int(values["distill-bank"]),
+        ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),
         seed=int(values["seed"]),

@@ -86,6 +86,7 @@ def make_strategy(settings: RunSettings, template: nn.Module, num_clients: int) 
         num_classes=num_classes,
         finetune=settings.finetune_config(),
         distill=settings.distill_config(),
+        ensemble_weighting=settings.ensemble_weights,
         image_shape=image_shape,
         num_partitions=num_clients,
         fraction_evaluate=0.0,

@@ -23,6 +23,7 @@ from fedmerge.device import derive_seed
 from fedmerge.surrogate.build import SurrogateConfig, build_surrogate, last_linear
 from strategies.messages import (
     ARRAYS_KEY,
+    LABEL_COUNTS,
     NUM_EXAMPLES,
     PARTITION_ID,
     SERVER_ROUND,
@@ -99,7 +100,7 @@ def merge_reply(
         rounds draw differently.
     metrics : Mapping[str, MetricValue] | None (default: None)
         More metrics to report (training loss, accuracy, ...). ``surrogate-seconds``, ``weights-bytes`` and
-        ``surrogate-bytes`` are added.
+        ``surrogate-bytes`` are added, and ``label-counts`` (examples per class) when a surrogate is built.
     arrays_key : str | None (default: None)
         The key of the weights' ArrayRecord; None: the key the server sent its weights under (its
         ``arrayrecord_key``) when the message holds one ArrayRecord, else "arrays".
@@ -136,6 +137,8 @@ def merge_reply(
     state = model.state_dict()
     extra: dict[str, MetricValue] = dict(metrics or {})
     extra["surrogate-seconds"] = seconds
+    if data is not None:  # read for the surrogate: its label counts let the server weigh the ensemble class-wise
+        extra[LABEL_COUNTS] = [int(n) for n in data.class_counts().tolist()]
     extra["weights-bytes"] = sum(t.numel() * t.element_size() for t in state.values())
     extra["surrogate-bytes"] = (
         built.x.numel() * 4 + built.y.numel() * 8 if built is not None else 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import nn
 
 from fedmerge.device import default_device, derive_seed
-from fedmerge.merge import Ensemble, fine_tune, get_method
+from fedmerge.merge import Ensemble, class_weights, fine_tune, get_method
 from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.merge.pairwise import MergeConfig
@@ -17,7 +18,7 @@ from fedmerge.surrogate.build import last_linear
 from fedmerge.train import TrainConfig
 from strategies.defences import Defences
 from strategies.fedavg import MetricsAggregation, SortedFedAvg, State
-from strategies.messages import ARRAYS_KEY, CONFIG_KEY, NUM_EXAMPLES, ClientUpdate
+from strategies.messages import ARRAYS_KEY, CONFIG_KEY, LABEL_COUNTS, NUM_EXAMPLES, ClientUpdate, reported_label_counts
 from strategies.parallel import RayRunner, SequentialRunner
 from strategies.schedule import (
     SCHEDULES,
@@ -70,8 +71,11 @@ class PermutationMerge(SortedFedAvg):
     finetune : TrainConfig | None (default: None)
         Train the merged model further on the union of the surrogates.
     distill : DistillConfig | None (default: None)
-        Distil the clients' ensemble (weighted by sample counts) into the merged model on augmented, mixed-up
-        surrogate images (after any fine-tuning).
+        Distil the clients' ensemble into the merged model on augmented, mixed-up surrogate images (after any
+        fine-tuning).
+    ensemble_weighting : "examples" or "labels" (default: "examples")
+        How the distillation teacher weighs the clients: by sample count, or class by class by the ``label-counts``
+        metric clients report (see :func:`client_ensemble`; much stronger on label-skewed splits).
     image_shape : tuple[int, int, int] | None (default: None)
         The model's input (C, H, W): surrogates of another shape are refused.
     num_partitions : int | None (default: None)
@@ -121,6 +125,7 @@ class PermutationMerge(SortedFedAvg):
         num_classes: int | None = None,
         finetune: TrainConfig | None = None,
         distill: DistillConfig | None = None,
+        ensemble_weighting: EnsembleWeighting = "examples",
         image_shape: tuple[int, int, int] | None = None,
         num_partitions: int | None = None,
         fraction_train: float = 1.0,
@@ -138,6 +143,8 @@ class PermutationMerge(SortedFedAvg):
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown merge schedule {schedule!r}; choose from {SCHEDULES}")
+        if ensemble_weighting not in ENSEMBLE_WEIGHTINGS:
+            raise ValueError(f"unknown ensemble weighting {ensemble_weighting!r}; choose from {ENSEMBLE_WEIGHTINGS}")
         merge = merge if merge is not None else MergeConfig()
         if not has_activation_points(model) and example_input is None and image_shape is not None:
             example_input = torch.zeros(2, *image_shape)
@@ -173,6 +180,7 @@ class PermutationMerge(SortedFedAvg):
         self.clients_start_from_global = clients_start_from_global
         self.finetune = finetune
         self.distill = distill
+        self.ensemble_weighting: EnsembleWeighting = ensemble_weighting
         self.merge_only_state: State = {}
         self.merge_steps: list[MergeStep] = []
         self._reference = model.state_dict()  # until configure_train sends the global weights
@@ -275,7 +283,7 @@ class PermutationMerge(SortedFedAvg):
                 device=default_device(),
             )
         if self.distill is not None:
-            teacher = client_ensemble(self.model, updates)
+            teacher = client_ensemble(self.model, updates, self.ensemble_weighting, self.num_classes)
             log.info(
                 "distilling the ensemble of %d clients into the merged model on %d surrogate images (%d steps)",
                 len(updates),
@@ -312,6 +320,46 @@ def refuse_without_activation_points(model: nn.Module, merge: MergeConfig) -> No
         raise ValueError(f"merge method {merge.method!r} needs activation points: {error}") from error
 
 
-def client_ensemble(template: nn.Module, updates: list[ClientUpdate]) -> Ensemble:
-    """The clients' models as one output ensemble, each weighted by its sample count."""
-    return Ensemble([load_state(template, u.state) for u in updates], [u.num_examples for u in updates])
+ENSEMBLE_WEIGHTINGS: tuple[str, ...] = ("examples", "labels")
+"""How the clients' ensemble weighs its members: by sample count, or class by class by label counts."""
+EnsembleWeighting = Literal["examples", "labels"]
+
+
+def client_ensemble(
+    template: nn.Module,
+    updates: list[ClientUpdate],
+    weighting: EnsembleWeighting = "examples",
+    num_classes: int | None = None,
+) -> Ensemble:
+    """The clients' models as one output ensemble.
+
+    ``weighting="examples"`` weighs each client by its sample count. ``"labels"`` weighs it class by class by its
+    share of that class's training examples (:func:`fedmerge.merge.class_weights` of the ``label-counts`` the
+    clients report, scaled to their defended sample counts), so a client's vote counts on the classes it learnt; a
+    client that sent no valid counts is treated as holding its examples evenly over the classes (logged).
+    """
+    if weighting not in ENSEMBLE_WEIGHTINGS:
+        raise ValueError(f"unknown ensemble weighting {weighting!r}; choose from {ENSEMBLE_WEIGHTINGS}")
+    members = [load_state(template, u.state) for u in updates]
+    if weighting == "examples":
+        return Ensemble(members, [u.num_examples for u in updates])
+    if num_classes is None:
+        head = last_linear(template)
+        if head is None:
+            raise ValueError("cannot tell the number of classes from the model: pass num_classes")
+        num_classes = head.out_features
+    rows = []
+    for update in updates:
+        counts = reported_label_counts(update, num_classes)
+        if counts is not None:
+            counts = counts * (update.num_examples / counts.sum())  # the defended sample count, spread as reported
+        else:
+            log.warning(
+                "%s sent no valid %r (%d whole numbers): its ensemble weight is spread evenly over the classes",
+                update.name,
+                LABEL_COUNTS,
+                num_classes,
+            )
+            counts = torch.full((num_classes,), update.num_examples / num_classes, dtype=torch.float64)
+        rows.append(counts)
+    return Ensemble(members, class_weights(torch.stack(rows)))

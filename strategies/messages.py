@@ -4,8 +4,9 @@ A client's reply to a ``train`` message carries:
 
 - ``"arrays"``: an ArrayRecord of the trained model's ``state_dict``;
 - ``"surrogate"`` (optional): an ArrayRecord with ``"x"`` (images, N x C x H x W float) and ``"y"`` (int64 labels);
-- ``"metrics"``: a MetricRecord with ``"num-examples"`` (the training set size), ``"partition-id"`` and anything
-  else the client wants to report (training accuracy, wall times, ...).
+- ``"metrics"``: a MetricRecord with ``"num-examples"`` (the training set size), ``"partition-id"``, optionally
+  ``"label-counts"`` (training examples per class, for a class-wise weighted ensemble) and anything else the client
+  wants to report (training accuracy, wall times, ...).
 
 Plain Flower clients that send only weights and ``num-examples`` are read too: they have no surrogate, and
 their partition id falls back to the node id. The weights' record key and the sample count's metric key can be
@@ -42,6 +43,7 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+LABEL_COUNTS = "label-counts"  # optional metric: training label counts, one whole number per class
 # Keys of the server's train ConfigRecord that clients read.
 WANT_SURROGATE = "want-surrogate"  # bool: the server merges and would like a surrogate
 INIT_FROM_GLOBAL = "init-from-global"  # bool: start local training from the received weights (FedAvg) or not
@@ -96,6 +98,18 @@ def train_config(
     config[WANT_SURROGATE] = want_surrogate
     config[INIT_FROM_GLOBAL] = init_from_global
     return config
+
+
+def reported_label_counts(update: ClientUpdate, num_classes: int) -> torch.Tensor | None:
+    """The client's ``label-counts`` metric as a float64 tensor; None when it sent none, or not ``num_classes``
+    non-negative whole numbers with a positive sum."""
+    value = update.metrics.get(LABEL_COUNTS)
+    if not isinstance(value, list) or len(value) != num_classes:
+        return None
+    counts = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    if not torch.isfinite(counts).all() or (counts < 0).any() or (counts != counts.round()).any() or counts.sum() <= 0:
+        return None
+    return counts
 
 
 def surrogate_record(surrogate: LabeledImages) -> ArrayRecord:

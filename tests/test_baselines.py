@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmerge.merge import Ensemble, fine_tune, train_from_scratch
+from fedmerge.merge import Ensemble, class_weights, fine_tune, train_from_scratch
 from fedmerge.train import TrainConfig, evaluate
 from tests.helpers import SPLIT_SEEDS, assert_states_equal, data_loss, load, mlp, snapshot
 
@@ -35,6 +35,45 @@ def test_ensemble_output_is_log_of_weighted_mean_probabilities(split_pairs):
     one = Ensemble([pair.model_a]).eval()
     with torch.no_grad():
         torch.testing.assert_close(one(x), torch.log_softmax(pair.model_a(x), 1), atol=1e-5, rtol=1e-5)
+
+
+def test_class_wise_ensemble_mixes_each_class_by_its_own_weights(split_pairs):
+    pair = split_pairs[SPLIT_SEEDS[0]]
+    table = torch.tensor([[3.0, 1.0, 0.0, 1.0], [1.0, 3.0, 1.0, 0.0]])
+    ensemble = Ensemble([pair.model_a, pair.model_b], table).eval()
+    torch.testing.assert_close(ensemble.weights.sum(0), torch.ones(4))
+    x = pair.test.x[:64]
+    with torch.no_grad():
+        pa, pb = torch.softmax(pair.model_a(x), 1), torch.softmax(pair.model_b(x), 1)
+        w = table / table.sum(0)
+        mixed = w[0] * pa + w[1] * pb
+        torch.testing.assert_close(ensemble(x), torch.log(mixed / mixed.sum(1, keepdim=True)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="all zero"):
+        Ensemble([pair.model_a, pair.model_b], torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="cover 3 classes"):
+        Ensemble([pair.model_a, pair.model_b], torch.ones(2, 3))(x)
+
+
+def test_class_weights_follow_label_counts_and_keep_unseen_classes_judged():
+    weights = class_weights(torch.tensor([[90.0, 0.0, 0.0], [10.0, 50.0, 0.0]]), smoothing=0.5)
+    torch.testing.assert_close(weights.sum(0), torch.ones(3))
+    assert weights[0, 0] > 0.85 and weights[1, 1] > 0.98  # each class is judged by who saw it
+    torch.testing.assert_close(weights[:, 2], torch.tensor([0.5, 0.5]))  # nobody saw class 2: equal say
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([[-1.0, 2.0]]), torch.tensor([[float("nan"), 1.0]])):
+        with pytest.raises(ValueError, match="label counts"):
+            class_weights(bad)
+    with pytest.raises(ValueError, match="smoothing"):
+        class_weights(torch.ones(2, 2), smoothing=0)
+
+
+def test_class_wise_ensemble_of_specialists_beats_the_sample_weighted_one(split_pairs):
+    """Specialists on classes {0, 1} and {2, 3}, the second holding 20 times the examples: weighing each by the
+    classes it saw keeps the small specialist's say on its own classes, a plain sample-weighted average drowns it."""
+    for pair in split_pairs.values():
+        counts = torch.stack([pair.data_a.class_counts(), 20 * pair.data_b.class_counts()]).float()
+        by_labels = evaluate(Ensemble([pair.model_a, pair.model_b], class_weights(counts)), pair.test)
+        by_examples = evaluate(Ensemble([pair.model_a, pair.model_b], counts.sum(1).tolist()), pair.test)
+        assert by_labels > by_examples + 10.0
 
 
 def test_ensemble_of_specialists_beats_each_specialist(split_pairs):

@@ -57,6 +57,7 @@ def test_trains_its_partition_and_sends_a_surrogate():
     assert 0 <= metrics["train-accuracy"] <= 100 and metrics["train-seconds"] > 0 and metrics["surrogate-seconds"] >= 0
     assert metrics["weights-bytes"] == tensor_bytes(sent.values())
     assert metrics["surrogate-bytes"] == tensor_bytes([update.surrogate.x, update.surrogate.y])
+    assert metrics["label-counts"] == data.class_counts().tolist()  # for a class-wise weighted ensemble
 
 
 def test_no_surrogate_unless_asked():

@@ -163,6 +163,25 @@ def test_model_check_leaves_out_random_weights(honest, template, caplog):
     assert NAME in caplog.text
 
 
+def test_model_check_judges_a_specialist_only_on_the_classes_it_trained_on(honest, template):
+    """An honest client that saw two classes answers the others' surrogates of other classes wrongly; judged on
+    its own classes (from its label counts, else its surrogate's labels) it passes, random weights still fail."""
+    spec = FederationSpec("digits", "dirichlet", num_clients=NUM_CLIENTS, alpha=0.5, seed=1)
+    data = client_train_data(spec, HOSTILE)
+    keep = torch.isin(data.y, torch.tensor([0, 1]))
+    two = LabeledImages(data.x[keep], data.y[keep], NUM_CLASSES)
+    model = train(mlp(7), two, TrainConfig(epochs=15, lr=0.05, batch_size=32), seed=7)
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    counts = {"label-counts": two.class_counts().tolist()}
+    for metrics in ({}, counts):  # classes from the surrogate's labels, then from the reported counts
+        specialist = with_hostile(honest, state=state, surrogate=random_coreset(two, 5, seed=7), metrics=metrics)
+        kept, left_out = model_outliers(specialist, predictions(template, specialist))
+        assert not left_out and len(kept) == NUM_CLIENTS
+    claims_two = with_hostile(honest, state=reinitialized_copy(template, 99).state_dict(), metrics=counts)
+    _, left_out = model_outliers(claims_two, predictions(template, claims_two))
+    assert [who for who, _ in left_out] == [NAME]
+
+
 # --------------------------------------------------------------------------------------------- surrogate check
 
 

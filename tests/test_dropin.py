@@ -392,6 +392,7 @@ def test_merge_reply_reads_tuple_batches():
     assert update.surrogate.class_counts().tolist() == [2] * NUM_CLASSES
     assert all(any(torch.equal(s, row) for row in x) for s in update.surrogate.x)
     assert update.metrics["surrogate-bytes"] == 20 * 3 * 32 * 32 * 4 + 20 * 8
+    assert update.metrics["label-counts"] == torch.bincount(y, minlength=NUM_CLASSES).tolist()
 
 
 def test_merge_reply_reads_dict_batches_with_any_keys_and_the_partition_id_from_the_context():

@@ -324,3 +324,52 @@ def test_rounds_report_says_whether_the_merge_matched_fedavg_every_round(tmp_pat
     save_rows(tmp_path / "runs.csv", rows)
     _, page = rounds_report.write_report(tmp_path / "runs.csv")
     assert "missed at 1 round(s), by up to 1.50 points" in page.read_text()
+
+
+# ------------------------------------------------------------------------------- class-wise (label-count) teacher
+
+
+def _with_label_counts(update, counts):
+    update.metrics["label-counts"] = counts
+    return update
+
+
+def test_label_counts_are_read_and_checked():
+    from strategies.messages import reported_label_counts
+
+    update = read_reply(reply(0, num_examples=50), NUM_CLASSES)
+    assert reported_label_counts(update, NUM_CLASSES) is None  # none sent
+    good = [10, 0, 0, 0, 0, 0, 0, 0, 0, 90]
+    counts = reported_label_counts(_with_label_counts(update, good), NUM_CLASSES)
+    torch.testing.assert_close(counts, torch.tensor(good, dtype=torch.float64))
+    for bad in ([1] * 9, [1.5] + [1] * 9, [-1] + [2] * 9, [0] * 10, [float("inf")] + [1] * 9, 7):
+        assert reported_label_counts(_with_label_counts(update, bad), NUM_CLASSES) is None, bad
+
+
+def test_label_weighted_ensemble_uses_each_clients_class_share_and_falls_back_evenly(caplog):
+    from fedmerge.merge import class_weights
+    from strategies.merge_strategy import client_ensemble
+
+    updates = [read_reply(reply(k, num_examples=100), NUM_CLASSES) for k in range(3)]
+    _with_label_counts(updates[0], [100] + [0] * 9)
+    _with_label_counts(updates[1], [0] * 9 + [200])  # claims 200 of its 100 counted examples: scaled to 100
+    with caplog.at_level(logging.WARNING):
+        ensemble = client_ensemble(small_mlp(0), updates, "labels")
+    assert "client 2" in caplog.text and "label-counts" in caplog.text
+    expected = class_weights(torch.tensor([[100.0] + [0.0] * 9, [0.0] * 9 + [100.0], [10.0] * 10]))
+    torch.testing.assert_close(ensemble.weights, expected)
+    assert client_ensemble(small_mlp(0), updates).weights.dim() == 1  # by examples: one weight per client
+    with pytest.raises(ValueError, match="ensemble weighting"):
+        client_ensemble(small_mlp(0), updates, "votes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ensemble weighting"):
+        PermutationMerge(small_mlp(0), ensemble_weighting="votes")  # type: ignore[arg-type]
+
+
+def test_ensemble_weights_run_config_reaches_the_strategy_and_the_report(tmp_path):
+    from simulations.server_app import make_strategy
+
+    settings = settings_from_run_config({"ensemble-weights": "labels", "distill-steps": 5}, 2)
+    strategy = make_strategy(settings, small_mlp(0), 2)
+    assert isinstance(strategy, PermutationMerge) and strategy.ensemble_weighting == "labels"
+    with pytest.raises(ValueError, match="ensemble-weights"):
+        settings_from_run_config({"ensemble-weights": "votes"}, 2)

@@ -1,6 +1,6 @@
 """Merging two aligned models: interpolation, STE, NP Merge, post-merge corrections and baselines."""
 
-from fedmerge.merge.baselines import Ensemble, fine_tune, train_from_scratch
+from fedmerge.merge.baselines import Ensemble, class_weights, fine_tune, train_from_scratch
 from fedmerge.merge.interpolate import interpolate_states, weighted_average
 from fedmerge.merge.methods import MERGE_METHODS, MergeMethod, get_method
 from fedmerge.merge.np_merge import NPConfig, np_merge
@@ -13,6 +13,7 @@ __all__ = [
     "MERGE_METHODS",
     "METHODS",
     "Ensemble",
+    "class_weights",
     "MergeConfig",
     "MergeMethod",
     "MergeResult",
