@@ -223,6 +223,13 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     assert goals["merge helps (vs fresh)"].tolist() == [1.0, -1.0, 1.0]
     figure, page = n_client_report.write_report(tmp_path / "runs.csv")
     assert figure.exists() and "## mnist dirichlet(0.5), 1/class" in page.read_text()
+    # a class-wise teacher run: its own pipeline, judged against the better of its two ensembles
+    by_labels = {**rows[0], "cfg_ensemble-weights": "labels", "acc_ensemble-examples_global": 93.5}
+    save_rows(tmp_path / "runs.csv", [by_labels])
+    runs = n_client_report.load_distilled_runs(tmp_path / "runs.csv")
+    assert runs["pipeline"].iloc[-1].endswith("2 epochs, teacher by labels)")
+    goals = n_client_report.goal_columns(runs.iloc[[-1]].set_index("num-clients"))
+    assert goals.loc[8, "needed vs ensemble"] == 93.5 and goals.loc[8, "goal met"] == "no"
 
 
 def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_path):
