@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import statistics
 import sys
 import time
@@ -39,11 +37,11 @@ from fedmerge.merge.functional import load_state
 from fedmerge.surrogate import RAW_IMAGE_KINDS, CondenseConfig
 from fedmerge.surrogate.privacy import exposure, nearest_images, reference_distances, to_pixels
 from fedmerge.train import evaluate
-from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, RunSettings, settings_from_run_config
+from simulations.config import ConfigValue, RunSettings, settings_from_run_config
+from simulations.federation_options import add_federation_options, federation_run_config, setting_key
 from simulations.in_process import client_updates
 from simulations.results_io import read_rows, save_rows
 from simulations.server_app import make_strategy, template_model
-from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
 
 KINDS = ("random", "herding", "kcenter", "condensed", "condensed-noise")
@@ -179,12 +177,6 @@ def measure_reference(settings: RunSettings, num_clients: int, sample: int = 200
     }
 
 
-def setting_key(run_config: dict[str, ConfigValue | None], num_clients: int) -> str:
-    """A stable hash of what decides a row (the run config without file locations, and the client count)."""
-    kept = {k: v for k, v in run_config.items() if k not in ("results-dir", "client-cache", "data-root", "surrogate")}
-    return hashlib.sha256(json.dumps([sorted(kept.items()), num_clients]).encode()).hexdigest()[:16]
-
-
 def _pct(value: float) -> str:
     return "" if value != value else f"{100 * value:.1f} %"
 
@@ -285,23 +277,13 @@ def replace_rows(csv_path: Path, setting: str, rows: list[dict]) -> None:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.privacy_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--split", default="dirichlet")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--clients", type=int, default=8)
+    add_federation_options(
+        parser,
+        threads=1,
+        set_help=f"run-config values (defaults here: {' '.join(f'{k}={v}' for k, v in MERGE_DEFAULTS.items())})",
+    )
     parser.add_argument("--per-class", type=int, default=10, help="surrogate images per class")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--cache", type=Path, default=None, help="client cache folder (trained clients are reused)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="*",
-        type=parse_assignment,
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"run-config values (defaults here: {' '.join(f'{k}={v}' for k, v in MERGE_DEFAULTS.items())})",
-    )
     parser.add_argument(
         "--condense-iterations",
         type=int,
@@ -311,27 +293,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument(
         "--condense-batch", type=int, default=256, help="real images per class for each real gradient of condensation"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(None if argv is None else list(argv))
     console_log = print
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = MERGE_DEFAULTS | dict(args.overrides)
-    run_config: dict[str, ConfigValue] = (
-        DEFAULT_RUN_CONFIG
-        | overrides
-        | {
-            "dataset": args.dataset,
-            "split": args.split,
-            "alpha": args.alpha,
-            "per-class": args.per_class,
-            "data-root": args.data_root,
-            "client-cache": str(args.cache.resolve()) if args.cache else "",
-        }
-    )
+    run_config = federation_run_config(args, defaults=MERGE_DEFAULTS, extra={"per-class": args.per_class})
     condensation = {"condense-iterations": args.condense_iterations, "condense-batch": args.condense_batch}
-    key = setting_key(run_config | condensation, args.clients)
+    key = setting_key(run_config | condensation, args.clients, ignore=("surrogate",))
     cfg = " ".join(f"{k}={v}" for k, v in sorted((overrides | condensation).items()))
     versions = package_versions()
     common = {

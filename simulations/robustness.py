@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import re
 import sys
 import time
@@ -50,11 +48,11 @@ from fedmerge.federation import global_test_data
 from fedmerge.merge.functional import load_state
 from fedmerge.models import reinitialized_copy
 from fedmerge.train import evaluate
-from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, RunSettings, settings_from_run_config
+from simulations.config import RunSettings, settings_from_run_config
+from simulations.federation_options import add_federation_options, federation_run_config, setting_key
 from simulations.in_process import client_updates
 from simulations.results_io import read_rows, save_rows
 from simulations.server_app import make_strategy, template_model
-from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
 from strategies.defences import Defences, describe_defences
 from strategies.messages import ClientUpdate, client_reply
@@ -205,13 +203,6 @@ def run_attack(
     }
 
 
-def setting_key(run_config: dict[str, ConfigValue], num_clients: int, hostile: int) -> str:
-    """A stable hash of what decides a row (the run config without file locations, clients, hostile client)."""
-    kept = {k: v for k, v in run_config.items() if k not in ("results-dir", "client-cache", "data-root")}
-    text = json.dumps([sorted(kept.items()), num_clients, hostile])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def read_results(csv_path: Path) -> pd.DataFrame:
     if not csv_path.exists():
         return pd.DataFrame(columns=["setting", "attack", "defences"])
@@ -287,35 +278,16 @@ def write_report(rows: pd.DataFrame, path: Path) -> Path:
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.robustness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--split", default="dirichlet")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--clients", type=int, default=8)
+    add_federation_options(parser)
     parser.add_argument("--hostile", type=int, default=1, help="the partition id of the hostile client")
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS))
-    parser.add_argument("--data-root", default="../shared/data")
-    parser.add_argument("--cache", type=Path, default=None, help="client cache folder (trained clients are reused)")
-    parser.add_argument("--set", dest="overrides", nargs="*", type=parse_assignment, default=[], metavar="KEY=VALUE")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(None if argv is None else list(argv))
     if not 0 <= args.hostile < args.clients:
         parser.error(f"--hostile must be a partition id in 0..{args.clients - 1}")
     console = Console(stderr=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_config: dict[str, ConfigValue] = (
-        DEFAULT_RUN_CONFIG
-        | {"merge-workers": 0}
-        | dict(args.overrides)
-        | {
-            "dataset": args.dataset,
-            "split": args.split,
-            "alpha": args.alpha,
-            "data-root": args.data_root,
-            "client-cache": str(args.cache.resolve()) if args.cache else "",
-        }
-    )
+    run_config = federation_run_config(args, defaults={"merge-workers": 0})
     settings = settings_from_run_config(run_config, args.clients)
     key = setting_key(run_config, args.clients, args.hostile)
     cfg = " ".join(f"{k}={v}" for k, v in sorted(dict(args.overrides).items()))

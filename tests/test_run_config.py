@@ -122,3 +122,17 @@ def test_unknown_keys_are_named_with_the_valid_ones():
 def test_domain_split_needs_one_dataset_per_client():
     with pytest.raises(ValueError, match="'dataset'.*one dataset name per client"):
         settings_from_run_config({"dataset": "mnist,usps", "split": "domain"}, num_clients=3)
+
+
+def test_federation_setting_keys_ignore_file_locations_and_new_keys_at_their_default():
+    from simulations.federation_options import ADDED_LATER, setting_key
+
+    config = dict(DEFAULT_RUN_CONFIG)
+    key = setting_key(config, 8, 1)
+    assert len(key) == 16 and key == setting_key(config | {"data-root": "/elsewhere", "client-cache": "c"}, 8, 1)
+    assert key != setting_key(config, 8, 2) and key != setting_key(config | {"epochs": 3}, 8, 1)
+    before = {k: v for k, v in config.items() if k not in ADDED_LATER}  # a row keyed before those keys existed
+    assert setting_key(before, 8, 1) == key
+    assert setting_key(config | {"ensemble-weights": "labels"}, 8, 1) != key
+    without = ("surrogate",)
+    assert setting_key(config | {"surrogate": "herding"}, 8, ignore=without) == setting_key(config, 8, ignore=without)
