@@ -31,7 +31,8 @@ is logged at WARNING level naming the client. The rules, in the order :func:`app
    class probabilities, every member weighted alike, so that no claimed sample count counts) of the *other*
    clients' models that passed rules 1 and 2, and by that of its own client's model; a surrogate is flagged when
    either score's excess over chance is below ``surrogate_ratio`` x the excess of that score's median over the
-   clients (honest clients were at 0.85 x or more). This catches shifted labels and noise images. On a split with
+   clients (honest clients were at 0.85 x or more), by more than two binomial standard errors on that surrogate's
+   number of labels (a 10-label surrogate is too small to judge a small shortfall). This catches shifted labels and noise images. On a split with
    disjoint classes the others cannot vouch for a client's labels (that score judges nobody, see below), but its
    own model still can: shifted labels are caught there too, noise images only when the client holds several
    classes (a model that knows one class calls everything that class). A client whose own model fails its own
@@ -433,6 +434,19 @@ def _flag(score: float, reference: float, chance: float, ratio: float) -> bool:
     return score - chance < ratio * (reference - chance)
 
 
+SURROGATE_CHECK_Z = 2.0
+"""How many binomial standard errors a surrogate's score must fall below the threshold to be flagged."""
+
+
+def _significant(score: float, reference: float, chance: float, ratio: float, k: int, preds: Predictions) -> bool:
+    """Whether ``score`` (an accuracy on surrogate ``k``'s n labels) is below the threshold by more than
+    :data:`SURROGATE_CHECK_Z` binomial standard errors of an accuracy at the threshold on n labels: with a few
+    labels (1 image per class) an honest score scatters widely and is not judged by its shortfall alone."""
+    threshold = chance + ratio * (reference - chance)
+    n = len(preds.labels[k])
+    return n > 0 and threshold - score > SURROGATE_CHECK_Z * math.sqrt(threshold * (1 - threshold) / n)
+
+
 def _threshold(reference: float, chance: float, ratio: float) -> str:
     return (
         f"{100 * (chance + ratio * (reference - chance)):.1f} % (chance {100 * chance:.0f} % + {ratio:g} x the "
@@ -517,7 +531,9 @@ def surrogate_outliers(
     Each surrogate gets two scores: the accuracy on it of the ensemble (mean class probabilities, members weighted
     alike) of the *other* clients' models in ``updates`` ("the others' agreement"), and the accuracy on it of its
     own client's model ("its own model's agreement"). A surrogate is flagged when either score's excess over chance
-    (1 / classes) is below ``ratio`` x the excess of that score's median over the clients with a surrogate. A score
+    (1 / classes) is below ``ratio`` x the excess of that score's median over the clients with a surrogate, by more
+    than two binomial standard errors of a score at that threshold on as many labels (:func:`_significant`; without
+    it, 1-image-per-class surrogates of honest clients were flagged: 4 of 10 labels against a 45 % threshold). A score
     whose median is below halfway from chance to 100 % judges nobody (logged): on a split with disjoint classes the
     others cannot vouch for a client's labels, but its own model still can. Skipped with fewer than
     ``min_clients`` clients or surrogates. ``preds`` must cover ``updates`` (:func:`predictions`).
@@ -551,7 +567,7 @@ def surrogate_outliers(
         if reference is None:
             continue
         for k, score in scores.items():
-            if _flag(score, reference, chance, ratio):
+            if _flag(score, reference, chance, ratio) and _significant(score, reference, chance, ratio, k, preds):
                 agrees, _, why = who.partition(" (")
                 reasons.setdefault(k, []).append(
                     f"{agrees} with {100 * score:.1f} % of its {len(preds.labels[k])} labels, below "

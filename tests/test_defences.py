@@ -21,6 +21,7 @@ from simulations.server_app import make_strategy, template_model
 from strategies import PermutationMerge, SequentialRunner, SortedFedAvg, client_reply
 from strategies.defences import (
     Defences,
+    Predictions,
     apply_defences,
     cap_counts,
     model_outliers,
@@ -192,6 +193,31 @@ def test_surrogate_check_flags_shifted_labels_and_noise_images(honest, template,
         passed, flagged = surrogate_outliers(updates, predictions(template, updates))
     assert [who for who, _ in flagged] == [NAME] and len(passed) == NUM_CLIENTS - 1
     assert f"the surrogate of {NAME} fails the check" in caplog.text
+
+
+def _one_hot_predictions(correct: dict[tuple[int, int], int], clients: int = 5, labels: int = 10) -> Predictions:
+    """Predictions where model j gets the first ``correct[(j, k)]`` of surrogate k's labels right (default 9)."""
+    y = {k: torch.arange(labels) % NUM_CLASSES for k in range(clients)}
+    probs = {}
+    for j in range(clients):
+        for k in range(clients):
+            right = correct.get((j, k), 9)
+            guess = torch.where(torch.arange(labels) < right, y[k], (y[k] + 1) % NUM_CLASSES)
+            probs[(j, k)] = torch.nn.functional.one_hot(guess, NUM_CLASSES).double()
+    return Predictions(probs, y, NUM_CLASSES)
+
+
+def test_surrogate_check_does_not_judge_a_small_shortfall_on_ten_labels():
+    """1 image per class: an honest own-model score of 4/10 against a 50 % threshold is within the noise of 10
+    labels (not flagged); 0/10 is not."""
+    updates = [
+        ClientUpdate(k, 100 + k, {}, 10, LabeledImages(torch.zeros(10, 1, 2, 2), torch.arange(10), 10))
+        for k in range(5)
+    ]
+    _, flagged = surrogate_outliers(updates, _one_hot_predictions({(0, 0): 4}))
+    assert not flagged
+    _, flagged = surrogate_outliers(updates, _one_hot_predictions({(0, 0): 0}))
+    assert [who for who, _ in flagged] == ["client 0 (node 100)"]
 
 
 def test_a_flagged_surrogate_leaves_the_client_out_or_only_its_surrogate(honest, template):
