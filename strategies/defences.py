@@ -26,22 +26,21 @@ is logged at WARNING level naming the client. The rules, in the order :func:`app
    The ratio is low because an honest model still knows its classes less well than the others know theirs: on
    digits, Dirichlet(0.5), 8 clients, the weakest honest client's excess was 0.43 x the median's (scored on all
    classes).
-3. **Surrogates that disagree with the models** (:func:`surrogate_outliers`, ``surrogate_check``,
-   ``surrogate_ratio`` default 0.5): each surrogate is scored twice, by the accuracy on it of the ensemble (mean
-   class probabilities, every member weighted alike, so that no claimed sample count counts) of the *other*
-   clients' models that passed rules 1 and 2, and by that of its own client's model; a surrogate is flagged when
-   either score's excess over chance is below ``surrogate_ratio`` x the excess of that score's median over the
-   clients (honest clients were at 0.85 x or more), by more than two binomial standard errors on that surrogate's
-   number of labels (a 10-label surrogate is too small to judge a small shortfall). This catches shifted labels and noise images. On a split with
-   disjoint classes the others cannot vouch for a client's labels (that score judges nobody, see below), but its
-   own model still can: shifted labels are caught there too, noise images only when the client holds several
-   classes (a model that knows one class calls everything that class). A client whose own model fails its own
-   surrogate is flagged whichever of the two is broken: an honest client whose training collapsed (a model at
-   chance on its own data) is left out too. ``surrogate_check="leave-out"`` (the default) leaves a flagged client
-   out: a client without a surrogate would make every merge on its way up the tree (and the universe merge)
-   data-free and skip fine-tuning and distillation, which costs more than one client's model, and a client that
-   sends a hostile surrogate is not trusted with its weights either; ``"drop-surrogate"`` keeps its weights,
-   merged data-free.
+3. **Surrogates that disagree with the models** (:func:`surrogate_outliers`, ``surrogate_check``, ``surrogate_ratio``
+   default 0.5): each surrogate is scored twice, by the accuracy on it of the ensemble (mean class probabilities,
+   every member weighted alike, so that no claimed sample count counts) of the *other* clients' models that passed
+   rules 1 and 2, and by that of its own client's model; a surrogate is flagged when either score's excess over
+   chance is below ``surrogate_ratio`` x the excess of that score's median over the clients (honest clients were at
+   0.85 x or more), by more than two binomial standard errors on that surrogate's number of labels (a 10-label
+   surrogate is too small to judge a small shortfall). This catches shifted labels and noise images. On a split with
+   disjoint classes the others cannot vouch for a client's labels (that score judges nobody, see below), but its own
+   model still can: shifted labels are caught there too, noise images only when the client holds several classes (a
+   model that knows one class calls everything that class). A client whose own model fails its own surrogate is
+   flagged whichever of the two is broken: an honest client whose training collapsed (a model at chance on its own
+   data) is left out too. ``surrogate_check="leave-out"`` (the default) leaves a flagged client out: a client without
+   a surrogate would make every merge on its way up the tree (and the universe merge) data-free and skip fine-tuning
+   and distillation, which costs more than one client's model, and a client that sends a hostile surrogate is not
+   trusted with its weights either; ``"drop-surrogate"`` keeps its weights, merged data-free.
 4. **Cap on one client's merge weight** (:func:`cap_counts`), on the clients left after rules 1-3 (when at least
    ``min_clients`` were accepted, even if only two are left): a client's sample count (which decides its merge
    weight, ``lambda = n_B / (n_A + n_B)``) is clipped to ``max_count_ratio`` (default 3) x the median count of the
