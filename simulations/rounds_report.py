@@ -8,7 +8,6 @@ Writes ``summary.md`` and ``accuracy_per_round.png`` next to the CSV.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +16,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from simulations.results_io import read_rows
+from simulations.results_io import read_rows, report_main
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -106,24 +105,23 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(csv_path: Path) -> list[Path]:
-    """Write ``summary.md`` and ``accuracy_per_round.png`` next to ``csv_path``."""
+def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
+    """Write ``summary.md`` and ``accuracy_per_round.png`` into ``out`` (default: next to ``csv_path``)."""
     runs = read_rows(csv_path)
     if runs.empty:
         raise ValueError(f"{csv_path} has no rows")
-    figure = plot(runs, csv_path.parent / "accuracy_per_round.png")
-    page = csv_path.parent / "summary.md"
+    out = out or csv_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    figure = plot(runs, out / "accuracy_per_round.png")
+    page = out / "summary.md"
     page.write_text(rounds_markdown(runs, figure))
     return [figure, page]
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.rounds_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", type=Path, nargs="?", default=Path("results/multi_round/runs.csv"))
-    args = parser.parse_args(None if argv is None else list(argv))
-    for path in write_report(args.csv):
-        print(path)
-    return 0
+    return report_main(
+        "simulations.rounds_report", __doc__ or "", Path("results/multi_round/runs.csv"), write_report, argv
+    )
 
 
 if __name__ == "__main__":

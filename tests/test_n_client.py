@@ -291,6 +291,8 @@ def test_rounds_report_puts_the_merge_pipeline_next_to_fedavg_round_by_round(tmp
     assert figure.exists() and "## Merge pipeline minus FedAvg (points)" in text
     margin = rounds_report.margin_over_fedavg(rounds_report.read_rows(tmp_path / "runs.csv"))
     assert margin is not None and margin.loc[("wm@universe+kd10", 4)].tolist() == [15.0, 8.0]
+    assert rounds_report.main([str(tmp_path / "runs.csv"), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "summary.md").read_text() == text
 
 
 def test_performance_report_has_a_universe_section_per_method():
