@@ -230,6 +230,10 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     assert runs["pipeline"].iloc[-1].endswith("2 epochs, teacher by labels)")
     goals = n_client_report.goal_columns(runs.iloc[[-1]].set_index("num-clients"))
     assert goals.loc[8, "needed vs ensemble"] == 93.5 and goals.loc[8, "goal met"] == "no"
+    assert goals.loc[8, "goal met, sample-weighted ensemble"] == "no"  # 93.0 < 93.5 too
+    stronger_teacher = {"acc_ensemble_global": 94.0, "acc_ensemble-examples_global": 92.0}
+    goals = n_client_report.goal_columns(runs.iloc[[-1]].assign(**stronger_teacher))
+    assert goals["goal met"].tolist() == ["no"] and goals["goal met, sample-weighted ensemble"].tolist() == ["yes"]
 
 
 def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_path):
