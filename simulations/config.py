@@ -100,6 +100,8 @@ _KEYS: dict[str, _Key] = {
     "distill-temperature": _Key(1.0, float, minimum=0, exclusive=True),
     "distill-label-weight": _Key(1.0, float, minimum=0),
     "distill-bank": _Key(0, int, minimum=0),
+    "distill-rotate": _Key(0.0, float, minimum=0),
+    "distill-scale": _Key(0.0, float, minimum=0),
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -156,6 +158,8 @@ class RunSettings:
     distill_temperature: float = 1.0
     distill_label_weight: float = 1.0
     distill_bank: int = 0
+    distill_rotate: float = 0.0
+    distill_scale: float = 0.0
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -188,6 +192,8 @@ class RunSettings:
             temperature=self.distill_temperature,
             label_weight=self.distill_label_weight if teacher else 1.0,
             bank=self.distill_bank if teacher else 0,
+            rotate=self.distill_rotate,
+            scale=self.distill_scale,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -254,6 +260,10 @@ def _defences(values: Mapping[str, ConfigValue]) -> Defences:
 def settings_from_run_config(run_config: Mapping[str, object], num_clients: int) -> RunSettings:
     """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
     values = _checked(run_config)
+    if float(values["distill-scale"]) >= 1:
+        raise ValueError(
+            f"run config 'distill-scale' must be < 1 (images scaled by 1 +- it), got {values['distill-scale']}"
+        )
     if values["model"] == "mlp" and values["width"] != int(values["width"]):
         raise ValueError(
             f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}"
@@ -288,6 +298,8 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_temperature=float(values["distill-temperature"]),
         distill_label_weight=float(values["distill-label-weight"]),
         distill_bank=int(values["distill-bank"]),
+        distill_rotate=float(values["distill-rotate"]),
+        distill_scale=float(values["distill-scale"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

@@ -69,8 +69,10 @@ def _recipe_label(row: pd.Series) -> str:
 
     weighting = row.get("cfg_ensemble-weights", "examples")
     teacher = "" if pd.isna(weighting) or weighting == "examples" else f", teacher by {weighting}"
+    rotate, scale = value("cfg_distill-rotate", 0), value("cfg_distill-scale", 0)
+    affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
     return (
-        f" (shift {value('cfg_distill-shift', 2):g}, labels x{value('cfg_distill-label-weight', 1):g}, "
+        f" (shift {value('cfg_distill-shift', 2):g}{affine}, labels x{value('cfg_distill-label-weight', 1):g}, "
         f"bank {value('cfg_distill-bank', 0):g}, alignment passes {value('cfg_alignment-iters', 100):g}, "
         f"{row['cfg_epochs']} epochs{teacher})"
     )

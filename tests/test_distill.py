@@ -206,3 +206,35 @@ def test_distill_input_errors(surrogate):
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3))
     with pytest.raises(ValueError, match="teacher output"):
         distill(fresh_student(), surrogate, wrong, DistillConfig(steps=1))
+
+
+def test_affine_augment_keeps_shapes_varies_per_image_and_is_seeded():
+    from fedmerge.merge.distill import affine_augment
+
+    x = torch.zeros(6, 1, 12, 12)
+    x[:, :, 4:8, 5:7] = 1.0
+    assert affine_augment(x, torch.Generator().manual_seed(0), 0, 0.0, 0.0) is x
+    out = affine_augment(x, torch.Generator().manual_seed(0), 2, 25.0, 0.2)
+    again = affine_augment(x, torch.Generator().manual_seed(0), 2, 25.0, 0.2)
+    assert out.shape == x.shape and torch.equal(out, again)
+    assert not torch.allclose(out[0], out[1])  # each image its own map
+    assert out.min() >= 0 and out.max() <= 1  # bilinear: no value outside the input's range
+    # a pure rotation by up to 90 degrees keeps a centred square's mass roughly, moves it never off the image
+    turned = affine_augment(x, torch.Generator().manual_seed(1), 0, 90.0, 0.0)
+    assert torch.allclose(turned.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.3)
+    for bad in ((-1, 0.0, 0.0), (0, -1.0, 0.0), (0, 0.0, 1.0)):
+        with pytest.raises(ValueError, match="shift, rotate"):
+            affine_augment(x, torch.Generator(), *bad)
+
+
+def test_rotate_and_scale_reach_the_recipe_and_are_checked():
+    from simulations.config import settings_from_run_config
+
+    settings = settings_from_run_config({"distill-steps": 10, "distill-rotate": 20.0, "distill-scale": 0.1}, 2)
+    config = settings.distill_config()
+    assert config is not None and (config.rotate, config.scale) == (20.0, 0.1)
+    assert (settings.recipe(teacher=False).rotate, settings.recipe(teacher=False).scale) == (20.0, 0.1)  # baseline too
+    with pytest.raises(ValueError, match="distill-scale"):
+        settings_from_run_config({"distill-scale": 1.0}, 2)
+    with pytest.raises(ValueError, match="scale"):
+        DistillConfig(scale=1.5)

@@ -15,6 +15,7 @@ Labels are mixed like the images (soft one-hot targets), so CE and KL are both s
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -40,7 +41,9 @@ class DistillConfig:
     teacher only the label term is used. ``weight_decay`` is Adam's (coupled) L2 penalty. ``bank`` > 0 runs the
     teacher once on that many augmented, mixed images and trains the student on them (sampled in batches), instead
     of running the teacher on every batch: the teacher's cost (N client models per image) falls by the ratio of
-    ``steps * batch_size`` to ``bank``.
+    ``steps * batch_size`` to ``bank``. ``rotate`` (degrees) and ``scale`` > 0 replace the integer shifts by random
+    affine maps (rotation by up to ``rotate`` degrees, scaling by ``1 +- scale``, translation by up to ``shift``
+    pixels; :func:`affine_augment`): with one image per class the student then sees far more of the teacher.
     """
 
     steps: int = 2000
@@ -53,13 +56,15 @@ class DistillConfig:
     label_weight: float = 1.0
     weight_decay: float = 5e-4
     bank: int = 0
+    rotate: float = 0.0
+    scale: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"DistillConfig.{name} must be positive, got {value!r}")
-        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay", "bank"):
+        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay", "bank", "rotate", "scale"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"DistillConfig.{name} must be non-negative, got {value!r}")
@@ -67,6 +72,8 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ValueError(f"DistillConfig.{name} must be an integer, got {value!r}")
+        if self.scale >= 1:
+            raise ValueError(f"DistillConfig.scale must be below 1 (images scaled by 1 +- scale), got {self.scale!r}")
         if self.kd_weight == 0 and self.label_weight == 0:
             raise ValueError("DistillConfig.kd_weight and DistillConfig.label_weight cannot both be 0")
 
@@ -107,6 +114,34 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Te
     batch = torch.arange(n, device=x.device)[:, None, None]
     out = padded[batch, rows[:, :, None], cols[:, None, :]]  # N x H x W x C
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def affine_augment(
+    x: torch.Tensor, generator: torch.Generator, shift: float, rotate: float, scale: float
+) -> torch.Tensor:
+    """Map every image of ``x`` (N x C x H x W) by its own random affine map: a rotation by up to ``rotate``
+    degrees, a scaling by a factor in ``[1 - scale, 1 + scale]`` and a translation by up to ``shift`` pixels along
+    each axis (bilinear sampling, the border replicated as in :func:`augment`). The parameters are drawn on the CPU
+    from ``generator``; all zero returns ``x`` itself."""
+    if min(shift, rotate, scale) < 0 or scale >= 1:
+        raise ValueError(f"need shift, rotate >= 0 and 0 <= scale < 1, got {shift}, {rotate}, {scale}")
+    if (shift == 0 and rotate == 0 and scale == 0) or len(x) == 0:
+        return x
+    n, _, h, w = x.shape
+    u = torch.rand(4, n, generator=generator, dtype=torch.float64) * 2 - 1  # uniform in [-1, 1]
+    angle, factor = u[0] * math.radians(rotate), 1 + u[1] * scale
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor  # the grid maps output to input coordinates
+    tx, ty = u[2] * shift * 2 / w, u[3] * shift * 2 / h  # in the grid's [-1, 1] units
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, config: DistillConfig) -> torch.Tensor:
+    """The recipe's augmentation: integer shifts, or affine maps when ``rotate`` or ``scale`` is set."""
+    if config.rotate or config.scale:
+        return affine_augment(x, generator, config.shift, config.rotate, config.scale)
+    return augment(x, generator, config.shift)
 
 
 def mixup(
@@ -176,7 +211,7 @@ def distill(
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
-        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
+        x, targets = mixup(_augment(x, generator, config), targets, generator, config.mixup)
         logits = model(x)
         check_width(logits)
         use_teacher = teacher is not None and config.kd_weight > 0
@@ -241,7 +276,7 @@ def teacher_bank(
         index = torch.randint(0, len(data), (min(config.batch_size, config.bank - made),), generator=generator)
         x, y = data.x[index], data.y[index.to(data.y.device)]
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
-        x, targets = mixup(augment(x, generator, config.shift), targets, generator, config.mixup)
+        x, targets = mixup(_augment(x, generator, config), targets, generator, config.mixup)
         xs.append(x)
         ys.append(targets)
         log_ps.append(teacher_log_probs(x, data.num_classes))
