@@ -36,6 +36,7 @@ DENSE_TABLE1: dict[tuple[str, str], dict[float, float]] = {
 OURS = {
     "acc_fedavg1_global": "FedAvg (1 round)",
     "acc_ensemble_global": "ensemble",
+    "acc_ensemble-examples_global": "ensemble by sample count",
     "acc_merge-only_global": "merge only",
     "acc_merged_global": "merge + distillation",
     "acc_distilled-fresh_global": "distillation, fresh model",
@@ -54,14 +55,14 @@ def our_rows(runs: pd.DataFrame) -> pd.DataFrame:
     per alpha; plus the number of seeds."""
     runs = runs.assign(surrogate=runs.apply(surrogate_label, axis=1))
     long = runs.melt(
-        id_vars=["cfg_dataset", "sweep-method", "surrogate", "cfg_alpha", "cfg_seed"],
+        id_vars=["cfg_dataset", "pipeline", "surrogate", "cfg_alpha", "cfg_seed"],
         value_vars=[c for c in OURS if c in runs],
         var_name="column",
         value_name="accuracy",
     )
     long["row"] = long["column"].map(OURS)
     table = long.pivot_table(
-        index=["cfg_dataset", "sweep-method", "surrogate", "row"],
+        index=["cfg_dataset", "pipeline", "surrogate", "row"],
         columns="cfg_alpha",
         values="accuracy",
         aggfunc="mean",
@@ -76,7 +77,7 @@ def verdict(ours: pd.DataFrame, dataset: str) -> list[str]:
     dense = DENSE_TABLE1[(dataset, "DENSE")]
     lines = []
     here = ours.xs(dataset, level="cfg_dataset")
-    for key, block in here.groupby(level=["sweep-method", "surrogate"]):
+    for key, block in here.groupby(level=["pipeline", "surrogate"]):
         pipeline, surrogate = cast(tuple[str, str], key)
         if "merge + distillation" not in block.index.get_level_values("row"):
             continue
@@ -150,7 +151,8 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
         "# One-shot protocol of DENSE (Zhang et al., NeurIPS 2022, Table 1)",
         "",
         f"{len(runs)} runs, seeds {seeds}; {int(first['num-clients'])} clients, Dirichlet(alpha) split, model "
-        f"{first['cfg_model']}, {first['cfg_epochs']} local epochs, one round. Accuracy (%) on the global test set, "
+        f"{first['cfg_model']}, local epochs {', '.join(map(str, sorted(runs['cfg_epochs'].unique())))} (each "
+        "pipeline's label says which), one round. Accuracy (%) on the global test set, "
         "mean over seeds. Every one of our rows comes from the same run on the same clients: the merge alone, the "
         "merge then ensemble distillation on the surrogates the clients sent, the same distillation from a fresh "
         "model, a fresh model trained on the pooled surrogates with the same recipe, and the ensemble; FedAvg "
@@ -168,7 +170,7 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
         if dataset not in ours.index.get_level_values(0):
             continue
         lines += [f"## {dataset}", "", dataset_table(ours, dataset), "", *verdict(ours, dataset), ""]
-    costs = runs.groupby(["cfg_dataset", "cfg_alpha", "sweep-method"])[["merge-seconds"]].mean().round(1)
+    costs = runs.groupby(["cfg_dataset", "cfg_alpha", "pipeline"])[["merge-seconds"]].mean().round(1)
     costs = costs.reset_index().rename(columns={"cfg_dataset": "dataset", "cfg_alpha": "alpha"})
     lines += ["## Server time (merge + distillation, s, mean per run, 2 CPU cores)", "", costs.to_markdown(index=False)]
     return "\n".join(lines)
