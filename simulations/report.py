@@ -18,7 +18,7 @@ from torch import nn
 from fedmerge.data.images import concat
 from fedmerge.device import default_device, derive_seed
 from fedmerge.federation import client_train_data, label_distribution
-from fedmerge.merge import train_from_scratch
+from fedmerge.merge import Ensemble, train_from_scratch
 from fedmerge.merge.distill import distill
 from fedmerge.merge.functional import load_state
 from fedmerge.models import reinitialized_copy
@@ -27,7 +27,7 @@ from simulations.evaluation import scores, scoring_data
 from simulations.memory import peak_gpu_mb, peak_rss_mb
 from simulations.results_io import save_rows
 from simulations.versions import package_versions
-from strategies.merge_strategy import client_ensemble
+from strategies.merge_strategy import EnsembleWeighting, ensemble_weights, model_num_classes
 from strategies.messages import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,16 @@ def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[s
         u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates
     }
     own = client_models(outcome.model, outcome.updates)
-    ensemble = client_ensemble(outcome.model, outcome.updates, settings.ensemble_weights)
+    members, num_classes = list(own.values()), model_num_classes(outcome.model)
+
+    def ensemble_of(weighting: EnsembleWeighting) -> Ensemble:
+        return Ensemble(members, ensemble_weights(outcome.updates, weighting, num_classes))
+
+    ensemble = ensemble_of(settings.ensemble_weights)
     device = default_device()
     models = {"merged": outcome.model, **own, "ensemble": ensemble}
     if settings.ensemble_weights != "examples":  # the sample-weighted ensemble too, for comparison
-        models["ensemble-examples"] = client_ensemble(outcome.model, outcome.updates, "examples")
+        models["ensemble-examples"] = ensemble_of("examples")
     if outcome.merge_only_state is not None:
         models["merge-only"] = load_state(outcome.model, outcome.merge_only_state)
     on_surrogates = surrogate_trained_model(settings, outcome.model, outcome.updates, device)

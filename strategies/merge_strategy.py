@@ -151,13 +151,8 @@ class PermutationMerge(SortedFedAvg):
         if example_input is not None:
             model_spec(model, example_input)  # derived now (once), so that an untraceable model fails here
             refuse_without_activation_points(model, merge)  # without an example: once the spec is derived
-        if num_classes is None:
-            head = last_linear(model)
-            if head is None:
-                raise ValueError("cannot tell the number of classes from the model: pass num_classes")
-            num_classes = head.out_features
         super().__init__(
-            num_classes,
+            model_num_classes(model, num_classes),
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
@@ -325,13 +320,29 @@ ENSEMBLE_WEIGHTINGS: tuple[str, ...] = ("examples", "labels")
 EnsembleWeighting = Literal["examples", "labels"]
 
 
+def model_num_classes(model: nn.Module, num_classes: int | None = None) -> int:
+    """``num_classes`` when given, else the output size of ``model``'s last ``nn.Linear`` (ValueError without one)."""
+    if num_classes is not None:
+        return num_classes
+    head = last_linear(model)
+    if head is None:
+        raise ValueError("cannot tell the number of classes from the model: pass num_classes")
+    return head.out_features
+
+
 def client_ensemble(
     template: nn.Module,
     updates: list[ClientUpdate],
     weighting: EnsembleWeighting = "examples",
     num_classes: int | None = None,
 ) -> Ensemble:
-    """The clients' models as one output ensemble.
+    """The clients' models as one output ensemble, weighted by :func:`ensemble_weights`."""
+    weights = ensemble_weights(updates, weighting, model_num_classes(template, num_classes))
+    return Ensemble([load_state(template, u.state) for u in updates], weights)
+
+
+def ensemble_weights(updates: list[ClientUpdate], weighting: EnsembleWeighting, num_classes: int) -> torch.Tensor:
+    """The weights of the clients' ensemble (for :class:`fedmerge.merge.Ensemble`, members in ``updates`` order).
 
     ``weighting="examples"`` weighs each client by its sample count. ``"labels"`` weighs it class by class by its
     share of that class's training examples (:func:`fedmerge.merge.class_weights` of the ``label-counts`` the
@@ -340,14 +351,8 @@ def client_ensemble(
     """
     if weighting not in ENSEMBLE_WEIGHTINGS:
         raise ValueError(f"unknown ensemble weighting {weighting!r}; choose from {ENSEMBLE_WEIGHTINGS}")
-    members = [load_state(template, u.state) for u in updates]
     if weighting == "examples":
-        return Ensemble(members, [u.num_examples for u in updates])
-    if num_classes is None:
-        head = last_linear(template)
-        if head is None:
-            raise ValueError("cannot tell the number of classes from the model: pass num_classes")
-        num_classes = head.out_features
+        return torch.tensor([float(u.num_examples) for u in updates])
     rows = []
     for update in updates:
         counts = reported_label_counts(update, num_classes)
@@ -362,4 +367,4 @@ def client_ensemble(
             )
             counts = torch.full((num_classes,), update.num_examples / num_classes, dtype=torch.float64)
         rows.append(counts)
-    return Ensemble(members, class_weights(torch.stack(rows)))
+    return class_weights(torch.stack(rows))

@@ -61,6 +61,14 @@ def test_scores_and_results_row_cover_every_model_and_client(outcome):
     assert "version_torch" in row and "version_flwr" in row
 
 
+def test_a_label_weighted_run_scores_its_teacher_and_the_sample_weighted_ensemble(outcome):
+    for k, update in enumerate(outcome.updates):  # client k knows only its half of the classes
+        update.metrics["label-counts"] = [10 if c // 5 == k else 0 for c in range(10)]
+    table = score_models(settings(width=32, **{"ensemble-weights": "labels"}), outcome)
+    assert list(table) == ["merged", "client0", "client1", "ensemble", "ensemble-examples"]
+    assert table["ensemble-examples"] == score_models(settings(width=32), outcome)["ensemble"]
+
+
 def test_save_outputs_appends_rows_and_saves_each_model(outcome, tmp_path):
     run = settings(width=32, **{"results-dir": str(tmp_path / "out")})
     table = score_models(run, outcome)
