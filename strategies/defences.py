@@ -437,18 +437,21 @@ SURROGATE_CHECK_Z = 2.0
 """How many binomial standard errors a surrogate's score must fall below the threshold to be flagged."""
 
 
-def _significant(score: float, reference: float, chance: float, ratio: float, k: int, preds: Predictions) -> bool:
-    """Whether ``score`` (an accuracy on surrogate ``k``'s n labels) is below the threshold by more than
-    :data:`SURROGATE_CHECK_Z` binomial standard errors of an accuracy at the threshold on n labels: with a few
-    labels (1 image per class) an honest score scatters widely and is not judged by its shortfall alone."""
-    threshold = chance + ratio * (reference - chance)
-    n = len(preds.labels[k])
+def _significant(score: float, threshold: float, n: int) -> bool:
+    """Whether ``score`` (an accuracy on n labels) is below ``threshold`` by more than :data:`SURROGATE_CHECK_Z`
+    binomial standard errors of an accuracy at the threshold on n labels: with a few labels (1 image per class) an
+    honest score scatters widely and is not judged by its shortfall alone."""
     return n > 0 and threshold - score > SURROGATE_CHECK_Z * math.sqrt(threshold * (1 - threshold) / n)
+
+
+def _threshold_value(reference: float, chance: float, ratio: float) -> float:
+    """The accuracy below which :func:`_flag` flags a score: chance + ``ratio`` x the reference's excess over it."""
+    return chance + ratio * (reference - chance)
 
 
 def _threshold(reference: float, chance: float, ratio: float) -> str:
     return (
-        f"{100 * (chance + ratio * (reference - chance)):.1f} % (chance {100 * chance:.0f} % + {ratio:g} x the "
+        f"{100 * _threshold_value(reference, chance, ratio):.1f} % (chance {100 * chance:.0f} % + {ratio:g} x the "
         f"clients' median {100 * reference:.1f} % above chance)"
     )
 
@@ -494,7 +497,7 @@ def model_outliers(
         classes = trained_classes(u, preds.num_classes)
         accuracies = [preds.accuracy(u.partition_id, k, classes) for k in with_data if k != u.partition_id]
         judged = [a for a in accuracies if not math.isnan(a)]
-        if judged:  # nothing of its classes in the others' surrogates: it cannot be judged, and is kept
+        if judged:
             scores[u.partition_id] = statistics.median(judged)
     if not scores:
         return updates, []
@@ -504,8 +507,8 @@ def model_outliers(
         return updates, []
     kept, left_out = [], []
     for update in updates:
-        score = scores.get(update.partition_id, math.nan)
-        if not math.isnan(score) and _flag(score, reference, chance, ratio):
+        score = scores.get(update.partition_id)  # None: nothing of its classes to judge it on, kept
+        if score is not None and _flag(score, reference, chance, ratio):
             others = len(with_data) - (update.surrogate is not None)
             why = (
                 f"its model agrees with {100 * score:.1f} % of the other clients' surrogate labels (median over "
@@ -566,7 +569,8 @@ def surrogate_outliers(
         if reference is None:
             continue
         for k, score in scores.items():
-            if _flag(score, reference, chance, ratio) and _significant(score, reference, chance, ratio, k, preds):
+            threshold, n = _threshold_value(reference, chance, ratio), len(preds.labels[k])
+            if _flag(score, reference, chance, ratio) and _significant(score, threshold, n):
                 agrees, _, why = who.partition(" (")
                 reasons.setdefault(k, []).append(
                     f"{agrees} with {100 * score:.1f} % of its {len(preds.labels[k])} labels, below "
