@@ -42,6 +42,7 @@ class _Key:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     exclusive: bool = False  # the minimum itself is not allowed
+    below: float | None = None  # values must be smaller than this
 
     def check(self, key: str, value: object) -> ConfigValue:
         """``value`` if it is valid for this key (ints accepted for float keys); ValueError naming ``key``."""
@@ -61,6 +62,8 @@ class _Key:
         if too_small:
             bound = f"> {self.minimum}" if self.exclusive else f">= {self.minimum}"
             raise ValueError(f"run config {key!r} must be {bound}, got {value!r}")
+        if self.below is not None and isinstance(checked, (int, float)) and not checked < self.below:
+            raise ValueError(f"run config {key!r} must be < {self.below}, got {value!r}")
         return float(checked) if self.kind is float else checked
 
 
@@ -101,7 +104,7 @@ _KEYS: dict[str, _Key] = {
     "distill-label-weight": _Key(1.0, float, minimum=0),
     "distill-bank": _Key(0, int, minimum=0),
     "distill-rotate": _Key(0.0, float, minimum=0),
-    "distill-scale": _Key(0.0, float, minimum=0),
+    "distill-scale": _Key(0.0, float, minimum=0, below=1),  # images scaled by 1 +- it
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -260,10 +263,6 @@ def _defences(values: Mapping[str, ConfigValue]) -> Defences:
 def settings_from_run_config(run_config: Mapping[str, object], num_clients: int) -> RunSettings:
     """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
     values = _checked(run_config)
-    if float(values["distill-scale"]) >= 1:
-        raise ValueError(
-            f"run config 'distill-scale' must be < 1 (images scaled by 1 +- it), got {values['distill-scale']}"
-        )
     if values["model"] == "mlp" and values["width"] != int(values["width"]):
         raise ValueError(
             f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}"
