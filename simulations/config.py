@@ -105,6 +105,7 @@ _KEYS: dict[str, _Key] = {
     "distill-bank": _Key(0, int, minimum=0),
     "distill-rotate": _Key(0.0, float, minimum=0),
     "distill-scale": _Key(0.0, float, minimum=0, below=1),  # images scaled by 1 +- it
+    "distill-weight-decay": _Key(5e-4, float, minimum=0),
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -163,6 +164,7 @@ class RunSettings:
     distill_bank: int = 0
     distill_rotate: float = 0.0
     distill_scale: float = 0.0
+    distill_weight_decay: float = 5e-4
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -197,6 +199,7 @@ class RunSettings:
             bank=self.distill_bank if teacher else 0,
             rotate=self.distill_rotate,
             scale=self.distill_scale,
+            weight_decay=self.distill_weight_decay,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -299,6 +302,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_bank=int(values["distill-bank"]),
         distill_rotate=float(values["distill-rotate"]),
         distill_scale=float(values["distill-scale"]),
+        distill_weight_decay=float(values["distill-weight-decay"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.artist import Artist
 
+from simulations.config import DEFAULT_RUN_CONFIG
 from simulations.results_io import read_rows, report_main
 
 matplotlib.use("Agg")  # files only, no display
@@ -61,7 +62,8 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
 
 
 def _recipe_label(row: pd.Series) -> str:
-    """The recipe settings that tell pipelines apart: shift, label weight and teacher bank (defaults when absent)."""
+    """The recipe settings that tell pipelines apart: shift (and affine maps), label weight, weight decay where it is
+    not the default, teacher bank, alignment passes, local epochs and teacher weighting (defaults when absent)."""
 
     def value(key: str, default: float) -> float:
         found = row.get(key, default)
@@ -71,8 +73,12 @@ def _recipe_label(row: pd.Series) -> str:
     teacher = "" if pd.isna(weighting) or weighting == "examples" else f", teacher by {weighting}"
     rotate, scale = value("cfg_distill-rotate", 0), value("cfg_distill-scale", 0)
     affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
+    default_decay = float(DEFAULT_RUN_CONFIG["distill-weight-decay"])
+    decay = value("cfg_distill-weight-decay", default_decay)
+    decay_label = "" if decay == default_decay else f", weight decay {decay:g}"
     return (
-        f" (shift {value('cfg_distill-shift', 2):g}{affine}, labels x{value('cfg_distill-label-weight', 1):g}, "
+        f" (shift {value('cfg_distill-shift', 2):g}{affine}, labels x{value('cfg_distill-label-weight', 1):g}"
+        f"{decay_label}, "
         f"bank {value('cfg_distill-bank', 0):g}, alignment passes {value('cfg_alignment-iters', 100):g}, "
         f"{row['cfg_epochs']} epochs{teacher})"
     )

@@ -238,3 +238,26 @@ def test_rotate_and_scale_reach_the_recipe_and_are_checked():
         settings_from_run_config({"distill-scale": 1.0}, 2)
     with pytest.raises(ValueError, match="scale"):
         DistillConfig(scale=1.5)
+
+
+def test_weight_decay_reaches_the_recipe_of_the_student_and_of_the_baseline():
+    from simulations.config import settings_from_run_config
+
+    default = settings_from_run_config({"distill-steps": 10}, 2)
+    assert default.recipe().weight_decay == DistillConfig().weight_decay  # committed runs keep their recipe
+    settings = settings_from_run_config({"distill-steps": 10, "distill-weight-decay": 0.0}, 2)
+    assert settings.recipe().weight_decay == 0.0 and settings.recipe(teacher=False).weight_decay == 0.0
+    with pytest.raises(ValueError, match="distill-weight-decay"):
+        settings_from_run_config({"distill-weight-decay": -1.0}, 2)
+
+
+def test_without_weight_decay_the_student_keeps_larger_weights():
+    torch.manual_seed(0)
+    data = LabeledImages(torch.randn(32, 1, 4, 4), torch.arange(32) % 2, 2, "toy")
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    norms = {}
+    for decay in (0.0, 0.5):
+        config = DistillConfig(steps=60, shift=0, mixup=0.0, weight_decay=decay)
+        trained = distill(student, data, None, config, seed=0).model
+        norms[decay] = trained[1].weight.norm().item()
+    assert norms[0.0] > norms[0.5]
