@@ -390,3 +390,33 @@ def test_ensemble_weights_run_config_reaches_the_strategy_and_the_report(tmp_pat
     assert isinstance(strategy, PermutationMerge) and strategy.ensemble_weighting == "labels"
     with pytest.raises(ValueError, match="ensemble-weights"):
         settings_from_run_config({"ensemble-weights": "votes"}, 2)
+
+
+def test_n_client_overview_picks_the_best_complete_pipeline_per_judged_setting(tmp_path):
+    from simulations import n_client_report
+    from simulations.results_io import save_rows
+
+    def rows(steps: int, merged: float, clients: tuple[int, ...]) -> list[dict]:
+        return [
+            {
+                **_distilled_row(n, merged, merged - 1, 70.0, 95.0, 70.0),
+                "cfg_distill-steps": steps,
+                "sweep-method": f"wm@universe+kd{steps}",
+            }
+            for n in clients
+        ]
+
+    weaker, stronger = rows(100, 90.0, (8, 16, 32)), rows(200, 94.0, (8, 16, 32))
+    incomplete = rows(300, 99.0, (8, 16))  # best figures, but not run at 32 clients
+    one_seed = rows(400, 98.0, (8, 16, 32))  # better, but over one seed where the others have two
+    off_grid = [{**r, "cfg_alpha": 0.1} for r in rows(100, 80.0, (8, 16, 32))]  # not a judged split
+    second_seed = [{**r, "cfg_seed": 1} for r in weaker + stronger]
+    save_rows(tmp_path / "runs.csv", weaker + stronger + second_seed + incomplete + one_seed + off_grid)
+    runs = n_client_report.load_distilled_runs(tmp_path / "runs.csv")
+    judged = runs[runs["setting"] == "mnist dirichlet(0.5), 1/class"]
+    assert n_client_report.best_pipeline(judged).startswith("wm@universe+kd200")
+    overview = n_client_report.goal_overview(runs)
+    assert overview.count("wm@universe+kd200") == 3 and "dirichlet(0.1)" not in overview
+    assert "kd300" not in overview and "kd400" not in overview
+    _, page = n_client_report.write_report(tmp_path / "runs.csv")
+    assert "## The one-round goal: the best pipeline per setting" in page.read_text()
