@@ -367,4 +367,12 @@ def ensemble_weights(updates: list[ClientUpdate], weighting: EnsembleWeighting, 
             )
             counts = torch.full((num_classes,), update.num_examples / num_classes, dtype=torch.float64)
         rows.append(counts)
+    single_class = [u.name for u, row in zip(updates, rows, strict=True) if int((row > 0).sum()) < 2]
+    if single_class:
+        log.warning(
+            "%s trained on one class only: such a model predicts that class for every image, and the class-wise "
+            "teacher takes its vote as the verdict on that class (with one class per client it is near chance; "
+            "ensemble-weights=examples is no better there)",
+            ", ".join(single_class),
+        )
     return class_weights(torch.stack(rows))

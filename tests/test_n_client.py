@@ -373,6 +373,8 @@ def test_label_weighted_ensemble_uses_each_clients_class_share_and_falls_back_ev
     with caplog.at_level(logging.WARNING):
         ensemble = client_ensemble(small_mlp(0), updates, "labels")
     assert "client 2" in caplog.text and "label-counts" in caplog.text
+    single = [r.getMessage() for r in caplog.records if "one class only" in r.getMessage()]
+    assert len(single) == 1 and "client 0 " in single[0] and "client 1 " in single[0] and "client 2" not in single[0]
     expected = class_weights(torch.tensor([[100.0] + [0.0] * 9, [0.0] * 9 + [100.0], [10.0] * 10]))
     torch.testing.assert_close(ensemble.weights, expected)
     assert client_ensemble(small_mlp(0), updates).weights.dim() == 1  # by examples: one weight per client
