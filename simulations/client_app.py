@@ -232,6 +232,14 @@ def client_work(
         " (cached)" if cached else "",
         f"{len(surrogate)} images" if surrogate is not None else "none",
     )
+    if not all(bool(torch.isfinite(t).all()) for t in trained.state.values() if t.is_floating_point()):
+        log.warning(
+            "client %d, round %d: training diverged (its weights hold NaN or Inf; lr = %g): the server will leave "
+            "it out; a lower lr avoids it",
+            partition_id,
+            server_round,
+            settings.train.lr,
+        )
     return ClientWork(trained.state, len(data), surrogate, metrics)
 
 

@@ -4,6 +4,7 @@ adds (``python -m simulations.sweep --backend in-process``) and to run a federat
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -20,6 +21,9 @@ from simulations.server_app import make_strategy, template_model
 from strategies import PermutationMerge
 from strategies.fedavg import upload_bytes
 from strategies.messages import ClientUpdate
+from strategies.validation import check_updates
+
+log = logging.getLogger(__name__)
 
 
 def client_updates(
@@ -54,10 +58,15 @@ def federate_in_process(settings: RunSettings, num_clients: int) -> RunOutcome:
         start = global_state if strategy.starts_from_global(server_round) else None
         updates = client_updates(settings, num_clients, server_round, start, strategy.want_surrogate)
         began = time.perf_counter()
-        strategy.left_out = []  # this round's, as aggregate_train's reply checks start it
-        updates = strategy.defend(updates)  # as aggregate_train does after its reply checks
-        global_state = strategy.combine(updates)
+        # the checks aggregate_train runs on the replies (a diverged client's NaN weights are left out), then its
+        # defences, which add to this round's left_out
+        updates, strategy.left_out = check_updates(updates, global_state, strategy.num_classes, strategy.image_shape)
         strategy.round_upload_bytes[server_round] = upload_bytes(updates)
+        updates = strategy.defend(updates)
+        if updates:
+            global_state = strategy.combine(updates)
+        else:
+            log.error("round %d: no usable client update: the global model stays as it was", server_round)
         merge_seconds = time.perf_counter() - began
         accuracies[server_round] = evaluate(load_state(template, global_state), test, device=device)
     merge_only = strategy.merge_only() if isinstance(strategy, PermutationMerge) else None

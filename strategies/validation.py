@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from flwr.app import Message
@@ -172,7 +172,6 @@ def accept_replies(
     id is not in ``0..num_partitions-1`` is left out. ``arrays_key`` and ``num_examples_key`` say where a reply
     keeps its weights and its sample count (:func:`strategies.messages.read_reply`).
     """
-    accepted: list[ClientUpdate] = []
     rejected: list[tuple[str, str]] = []
     readable: list[ClientUpdate] = []
 
@@ -203,11 +202,43 @@ def accept_replies(
                 "all of them are left out",
             )
     unique = sorted((u for u in readable if claims[u.partition_id] == 1), key=lambda u: u.partition_id)
+    accepted, left_out = check_updates(
+        unique,
+        reference,
+        num_classes,
+        image_shape,
+        max_surrogate_per_class=max_surrogate_per_class,
+        max_surrogate_total=max_surrogate_total,
+        max_abs_weight=max_abs_weight,
+    )
+    return accepted, rejected + left_out
+
+
+def check_updates(
+    updates: Sequence[ClientUpdate],
+    reference: Mapping[str, torch.Tensor],
+    num_classes: int,
+    image_shape: tuple[int, ...] | None = None,
+    *,
+    max_surrogate_per_class: int | None = MAX_SURROGATE_PER_CLASS,
+    max_surrogate_total: int | None = MAX_SURROGATE_TOTAL,
+    max_abs_weight: float = MAX_ABS_WEIGHT,
+) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
+    """The weight and surrogate checks of :func:`accept_replies` on updates already read (one per partition id,
+    in order): returns the usable ones, their weights cast to ``reference``'s dtypes and oversized surrogates
+    dropped, and (client, reason) for each left out (logged). The in-process backend uses it on its clients'
+    updates, so a client whose training diverged (NaN weights) is left out there as under Flower."""
+    accepted: list[ClientUpdate] = []
+    rejected: list[tuple[str, str]] = []
+
+    def leave_out(who: str, reason: str) -> None:
+        log.warning("leaving out %s: %s", who, reason)
+        rejected.append((who, reason))
 
     if not reference:
-        reference = next((u.state for u in unique if _sound_alone(u, max_abs_weight)), {})
+        reference = next((u.state for u in updates if _sound_alone(u, max_abs_weight)), {})
     shape_source = ""
-    for update in unique:
+    for update in updates:
         try:
             problems = state_problems(update.state, reference, max_abs_weight)
             problems += surrogate_problems(update, image_shape, num_classes, max_abs_weight, shape_source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -95,3 +97,10 @@ def test_bad_node_config_and_weights():
     wrong = build_model("mlp", (1, 28, 28), 10, width=16).state_dict()
     with pytest.raises(ValueError, match="do not fit model 'mlp'"):
         run_client(train_config(1, want_surrogate=False, init_from_global=True), state=wrong)
+
+
+def test_a_client_whose_training_diverges_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        update = run_client(train_config(1, want_surrogate=False, init_from_global=False), lr=1e12)
+    assert not all(torch.isfinite(t).all() for t in update.state.values())
+    assert "training diverged" in caplog.text and "lr = 1e+12" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 import torch
@@ -103,3 +105,31 @@ def test_in_process_runs_report_the_clients_the_defences_leave_out(monkeypatch):
     )
     assert outcome.left_out == [("client 1 (node 1)", "its surrogate fails the check")]  # this round's, not summed
     assert [u.partition_id for u in outcome.updates] == [0]
+
+
+def test_in_process_runs_leave_out_a_diverged_client_as_flower_does(monkeypatch, caplog):
+    """A client whose training diverged (NaN weights) is left out by the same checks as a Flower reply, instead of
+    ending the merge with an error; with no usable client at all the global model stays as it was."""
+    from simulations import in_process
+
+    def updates_with_nan(settings, num_clients, server_round, start, want_surrogate):
+        state = template_model(settings).state_dict()
+        updates = [ClientUpdate(k, k, {n: t.clone() for n, t in state.items()}, 10 + k) for k in range(3)]
+        first = next(iter(state))
+        updates[2].state[first] = torch.full_like(state[first], float("nan"))
+        return updates
+
+    monkeypatch.setattr(in_process, "client_updates", updates_with_nan)
+    with caplog.at_level(logging.WARNING):
+        outcome = in_process.federate_in_process(settings(method="average", **{"merge-workers": 0}), 3)
+    assert [u.partition_id for u in outcome.updates] == [0, 1]
+    assert len(outcome.left_out) == 1 and "NaN" in outcome.left_out[0][1] and "client 2" in caplog.text
+    assert all(torch.isfinite(t).all() for t in outcome.model.state_dict().values())
+
+    def only_nan(settings, num_clients, server_round, start, want_surrogate):
+        return updates_with_nan(settings, num_clients, server_round, start, want_surrogate)[2:]
+
+    monkeypatch.setattr(in_process, "client_updates", only_nan)
+    with caplog.at_level(logging.WARNING):
+        outcome = in_process.federate_in_process(settings(method="average", **{"merge-workers": 0}), 3)
+    assert outcome.updates == [] and "no usable client update" in caplog.text
