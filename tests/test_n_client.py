@@ -422,3 +422,21 @@ def test_n_client_overview_picks_the_best_complete_pipeline_per_judged_setting(t
     assert "kd300" not in overview and "kd400" not in overview
     _, page = n_client_report.write_report(tmp_path / "runs.csv")
     assert "## The one-round goal: the best pipeline per setting" in page.read_text()
+
+
+def test_n_client_overview_judges_against_the_best_pooled_recipe_on_the_same_clients(tmp_path):
+    from simulations import n_client_report
+    from simulations.results_io import save_rows
+
+    distilled = {**_distilled_row(8, 96.0, 95.0, 90.0, 95.5, 60.0), "cfg_distill-steps": 100}
+    tuned_for_pooled = {**distilled, "cfg_distill-steps": 200, "sweep-method": "wm@universe+kd200"}
+    tuned_for_pooled |= {"acc_merged_global": 94.0, "acc_pooled-recipe_global": 95.5}  # worse merge, better pool
+    other_clients = {**tuned_for_pooled, "cfg_epochs": 10, "acc_pooled-recipe_global": 99.0}  # not the same clients
+    rows = [{**r, "num-clients": n} for n in (8, 16, 32) for r in (distilled, tuned_for_pooled, other_clients)]
+    save_rows(tmp_path / "runs.csv", rows)
+    overview = n_client_report.goal_overview(n_client_report.load_distilled_runs(tmp_path / "runs.csv"))
+    line = next(x for x in overview.splitlines() if "|         8 |" in x)
+    assert "wm@universe+kd100" in line  # the best merged pipeline is judged ...
+    cells = [c.strip() for c in line.split("|")]
+    assert "90" in cells and "95.5" in cells and "96.5" in cells  # ... against the best pooled (95.5) + 1 = 96.5
+    assert "0.5" in cells and "no" in cells
