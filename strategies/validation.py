@@ -24,6 +24,7 @@ The rules (:func:`accept_replies` applies them; a round never ends because of a 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -174,10 +175,7 @@ def accept_replies(
     """
     rejected: list[tuple[str, str]] = []
     readable: list[ClientUpdate] = []
-
-    def leave_out(who: str, reason: str) -> None:
-        log.warning("leaving out %s: %s", who, reason)
-        rejected.append((who, reason))
+    leave_out = functools.partial(_leave_out, rejected)
 
     for index, message in enumerate(replies):
         try:
@@ -230,10 +228,7 @@ def check_updates(
     updates, so a client whose training diverged (NaN weights) is left out there as under Flower."""
     accepted: list[ClientUpdate] = []
     rejected: list[tuple[str, str]] = []
-
-    def leave_out(who: str, reason: str) -> None:
-        log.warning("leaving out %s: %s", who, reason)
-        rejected.append((who, reason))
+    leave_out = functools.partial(_leave_out, rejected)
 
     if not reference:
         reference = next((u.state for u in updates if _sound_alone(u, max_abs_weight)), {})
@@ -258,6 +253,12 @@ def check_updates(
             continue
         accepted.append(update)
     return accepted, rejected
+
+
+def _leave_out(rejected: list[tuple[str, str]], who: str, reason: str) -> None:
+    """Log that ``who`` is left out and why, and record it in ``rejected``."""
+    log.warning("leaving out %s: %s", who, reason)
+    rejected.append((who, reason))
 
 
 def _sound_alone(update: ClientUpdate, max_abs_weight: float) -> bool:
