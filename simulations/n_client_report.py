@@ -49,7 +49,8 @@ JUDGED_CLIENTS = (8, 16, 32)
 
 def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
     """The sweep's rows with ensemble distillation after the merge, with ``setting`` (dataset, split, surrogate
-    size) and ``pipeline`` (the sweep's method label) added."""
+    size, and the model where it is not the default MLP: architectures are separate settings, never averaged
+    together) and ``pipeline`` (the sweep's method label) added."""
     runs = read_rows(csv_path)
     if "cfg_distill-steps" not in runs:
         raise ValueError(f"{csv_path} has no run with ensemble distillation (no cfg_distill-steps column)")
@@ -59,8 +60,16 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
     split = runs["cfg_split"].where(
         runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")"
     )
+    default_model = str(DEFAULT_RUN_CONFIG["model"])
+    model = runs["cfg_model"].fillna(default_model) if "cfg_model" in runs else default_model
     runs["setting"] = (
-        runs["cfg_dataset"] + " " + split + ", " + runs["cfg_per-class"].astype(int).astype(str) + "/class"
+        runs["cfg_dataset"]
+        + " "
+        + split
+        + ", "
+        + runs["cfg_per-class"].astype(int).astype(str)
+        + "/class"
+        + pd.Series(model, index=runs.index).map(lambda name: "" if name == default_model else f", {name}")
     )
     runs["pipeline"] = runs["sweep-method"] + runs.apply(_recipe_label, axis=1)
     return runs
@@ -249,7 +258,7 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
 
 def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
     """The page: what ran, an ablation and goal table per setting, the costs."""
-    first = runs.iloc[0]
+    models = sorted(runs["cfg_model"].astype(str).unique()) if "cfg_model" in runs else [DEFAULT_RUN_CONFIG["model"]]
     seeds = sorted(runs["cfg_seed"].unique())
     recipe = ", ".join(
         f"{key[4:]} {sorted(runs[key].unique().tolist())}"
@@ -267,7 +276,7 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
     lines = [
         "# N-client merging: ablation and one-round goals",
         "",
-        f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}; model {first['cfg_model']}; "
+        f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}; models {', '.join(map(str, models))}; "
         f"server recipe: {recipe}. Accuracy (%) on the global test set, mean over seeds. FedAvg columns come "
         "from the same federation's FedAvg run (same clients' data, local epochs and seed).",
         "",

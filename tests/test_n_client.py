@@ -235,6 +235,13 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     stronger_teacher = {"acc_ensemble_global": 94.0, "acc_ensemble-examples_global": 92.0}
     goals = n_client_report.goal_columns(runs.iloc[[-1]].assign(**stronger_teacher))
     assert goals["goal met"].tolist() == ["no"] and goals["goal met, sample-weighted ensemble"].tolist() == ["yes"]
+    # another architecture is another setting: its rows are never averaged with the MLP's
+    save_rows(tmp_path / "runs.csv", [{**row, "cfg_model": "cnn", "acc_merged_global": 50.0} for row in rows])
+    runs = n_client_report.load_distilled_runs(tmp_path / "runs.csv")
+    assert set(runs["setting"]) == {"mnist dirichlet(0.5), 1/class", "mnist dirichlet(0.5), 1/class, cnn"}
+    assert (runs.loc[runs["setting"].str.endswith("cnn"), "acc_merged_global"] == 50.0).all()
+    page = n_client_report.write_report(tmp_path / "runs.csv")[1].read_text()
+    assert "models cnn, mlp" in page and "## mnist dirichlet(0.5), 1/class, cnn" in page
 
 
 def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_path):
