@@ -43,6 +43,7 @@ class _Key:
     minimum: float | None = None
     exclusive: bool = False  # the minimum itself is not allowed
     below: float | None = None  # values must be smaller than this
+    maximum: float | None = None  # values must not exceed this
 
     def check(self, key: str, value: object) -> ConfigValue:
         """``value`` if it is valid for this key (ints accepted for float keys); ValueError naming ``key``."""
@@ -64,6 +65,8 @@ class _Key:
             raise ValueError(f"run config {key!r} must be {bound}, got {value!r}")
         if self.below is not None and isinstance(checked, (int, float)) and not checked < self.below:
             raise ValueError(f"run config {key!r} must be < {self.below}, got {value!r}")
+        if self.maximum is not None and isinstance(checked, (int, float)) and checked > self.maximum:
+            raise ValueError(f"run config {key!r} must be <= {self.maximum}, got {value!r}")
         return float(checked) if self.kind is float else checked
 
 
@@ -106,6 +109,7 @@ _KEYS: dict[str, _Key] = {
     "distill-rotate": _Key(0.0, float, minimum=0),
     "distill-scale": _Key(0.0, float, minimum=0, below=1),  # images scaled by 1 +- it
     "distill-weight-decay": _Key(5e-4, float, minimum=0),
+    "distill-cutmix": _Key(0.0, float, minimum=0, maximum=1),  # share of batches mixed by CutMix, not mixup
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -165,6 +169,7 @@ class RunSettings:
     distill_rotate: float = 0.0
     distill_scale: float = 0.0
     distill_weight_decay: float = 5e-4
+    distill_cutmix: float = 0.0
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -200,6 +205,7 @@ class RunSettings:
             rotate=self.distill_rotate,
             scale=self.distill_scale,
             weight_decay=self.distill_weight_decay,
+            cutmix=self.distill_cutmix,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -303,6 +309,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_rotate=float(values["distill-rotate"]),
         distill_scale=float(values["distill-scale"]),
         distill_weight_decay=float(values["distill-weight-decay"]),
+        distill_cutmix=float(values["distill-cutmix"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

@@ -15,7 +15,13 @@ from simulations.sweep import parse_assignment
 
 FILE_LOCATIONS: tuple[str, ...] = ("results-dir", "client-cache", "data-root")
 """Run-config keys that say where files are, not what a result is."""
-ADDED_LATER: tuple[str, ...] = ("ensemble-weights", "distill-rotate", "distill-scale", "distill-weight-decay")
+ADDED_LATER: tuple[str, ...] = (
+    "ensemble-weights",
+    "distill-rotate",
+    "distill-scale",
+    "distill-weight-decay",
+    "distill-cutmix",
+)
 """Run-config keys added after the committed rows were keyed: left out of a key while at their default, so those
 rows keep their keys (add every new run-config key here)."""
 

@@ -76,8 +76,9 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
 
 
 def _recipe_label(row: pd.Series) -> str:
-    """The recipe settings that tell pipelines apart: shift (and affine maps), label weight, weight decay where it is
-    not the default, teacher bank, alignment passes, local epochs and teacher weighting (defaults when absent)."""
+    """The recipe settings that tell pipelines apart: shift (and affine maps, CutMix), label weight, weight decay
+    where it is not the default, teacher bank, alignment passes, local epochs and teacher weighting (defaults when
+    absent)."""
 
     def value(key: str, default: float) -> float:
         found = row.get(key, default)
@@ -87,6 +88,8 @@ def _recipe_label(row: pd.Series) -> str:
     teacher = "" if pd.isna(weighting) or weighting == "examples" else f", teacher by {weighting}"
     rotate, scale = value("cfg_distill-rotate", 0), value("cfg_distill-scale", 0)
     affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
+    cutmix = value("cfg_distill-cutmix", 0)
+    affine += f", cutmix {cutmix:g}" if cutmix else ""
     default_decay = float(DEFAULT_RUN_CONFIG["distill-weight-decay"])
     decay = value("cfg_distill-weight-decay", default_decay)
     decay_label = "" if decay == default_decay else f", weight decay {decay:g}"
@@ -269,6 +272,7 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
             "cfg_distill-mixup",
             "cfg_distill-label-weight",
             "cfg_distill-weight-decay",
+            "cfg_distill-cutmix",
             "cfg_alignment",
         )
         if key in runs

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedmerge.data import LabeledImages, load_dataset
 from fedmerge.merge import Ensemble
-from fedmerge.merge.distill import DistillConfig, DistillResult, agreement, augment, distill, mixup
+from fedmerge.merge.distill import DistillConfig, DistillResult, agreement, augment, cutmix, distill, mixup
 from fedmerge.models import MLP
 from fedmerge.train import TrainConfig, evaluate, train
 
@@ -164,6 +164,48 @@ def test_mixup():
     assert torch.equal(first, second)  # deterministic given the generator
     with pytest.raises(ValueError, match="alpha"):
         mixup(x, y, gen, -1.0)
+
+
+def test_cutmix_pastes_one_box_of_another_image_and_mixes_the_targets_by_its_area():
+    x = torch.arange(6, dtype=torch.float).reshape(6, 1, 1, 1).expand(6, 1, 8, 8).contiguous()  # image i is all i
+    y = torch.nn.functional.one_hot(torch.arange(6), 6).float()
+    mixed_x, mixed_y = cutmix(x, y, torch.Generator().manual_seed(3))
+    assert mixed_x.shape == x.shape and torch.allclose(mixed_y.sum(1), torch.ones(6))
+    for i in range(6):
+        values, counts = mixed_x[i].unique(return_counts=True)
+        shares = {int(v): int(c) / 64 for v, c in zip(values, counts, strict=True)}
+        assert len(shares) <= 2 and (i in shares or len(shares) == 1)  # itself plus at most one other image
+        for value, share in shares.items():  # every source image's target weight is the share of pixels it gave
+            assert mixed_y[i, value].item() == pytest.approx(share)
+        pasted = mixed_x[i] != x[i]
+        if pasted.any():  # the pasted pixels form one box
+            rows, cols = pasted[0].any(1).nonzero().flatten(), pasted[0].any(0).nonzero().flatten()
+            assert pasted[0].sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    assert not torch.equal(mixed_x, x)
+    first, second = (cutmix(x, y, torch.Generator().manual_seed(1))[0] for _ in range(2))
+    assert torch.equal(first, second)  # deterministic given the generator
+    one = cutmix(x[:1], y[:1], torch.Generator())
+    assert one[0] is x[:1] or torch.equal(one[0], x[:1])
+
+
+def test_cutmix_share_reaches_the_recipe_and_changes_the_batches_only_when_set(surrogate):
+    from simulations.config import settings_from_run_config
+
+    settings = settings_from_run_config({"distill-steps": 10, "distill-cutmix": 0.5}, 2)
+    assert settings.recipe().cutmix == 0.5 and settings.recipe(teacher=False).cutmix == 0.5  # baseline too
+    assert settings_from_run_config({"distill-steps": 10}, 2).recipe().cutmix == 0.0
+    with pytest.raises(ValueError, match="distill-cutmix"):
+        settings_from_run_config({"distill-cutmix": 1.5}, 2)
+    with pytest.raises(ValueError, match="cutmix"):
+        DistillConfig(cutmix=-0.1)
+    student = MLP(surrogate.image_shape, 10, width=16)
+    short = DistillConfig(steps=3, batch_size=8)
+    runs = {
+        share: distill(student, surrogate, None, DistillConfig(**{**short.as_dict(), "cutmix": share}), seed=0)
+        for share in (0.0, 1.0)
+    }
+    assert runs[0.0].losses == distill(student, surrogate, None, short, seed=0).losses  # 0 draws nothing extra
+    assert runs[1.0].losses != runs[0.0].losses
 
 
 # ------------------------------------------------------------------------------------------ config

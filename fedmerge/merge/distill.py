@@ -44,6 +44,8 @@ class DistillConfig:
     ``steps * batch_size`` to ``bank``. ``rotate`` (degrees) and ``scale`` > 0 replace the integer shifts by random
     affine maps (rotation by up to ``rotate`` degrees, scaling by ``1 +- scale``, translation by up to ``shift``
     pixels; :func:`affine_augment`): with one image per class the student then sees far more of the teacher.
+    ``cutmix`` is the probability that a batch is mixed by :func:`cutmix` (a box of another image pasted in)
+    instead of mixup; 0 (the default) always uses mixup.
     """
 
     steps: int = 2000
@@ -58,6 +60,7 @@ class DistillConfig:
     bank: int = 0
     rotate: float = 0.0
     scale: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
@@ -72,6 +75,8 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ValueError(f"DistillConfig.{name} must be an integer, got {value!r}")
+        if not 0 <= self.cutmix <= 1:
+            raise ValueError(f"DistillConfig.cutmix is a probability (0 to 1), got {self.cutmix!r}")
         if self.scale >= 1:
             raise ValueError(f"DistillConfig.scale must be below 1 (images scaled by 1 +- scale), got {self.scale!r}")
         if self.kd_weight == 0 and self.label_weight == 0:
@@ -160,6 +165,36 @@ def mixup(
     return lam * x + (1 - lam) * x[perm], lam * y_soft + (1 - lam) * y_soft[perm]
 
 
+def cutmix(x: torch.Tensor, y_soft: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix (Yun et al. 2019): paste one random box of ``x[perm]`` into every image of ``x`` (N x C x H x W), for
+    a random permutation ``perm`` of the batch. The box covers a share ``1 - lam`` of the image, ``lam ~ Beta(1, 1)``
+    (clipped at the border), and the soft targets ``y_soft`` (N x K) are mixed by the share the box really covers.
+    A batch of one is returned unchanged."""
+    if len(x) < 2:
+        return x, y_soft
+    n, _, h, w = x.shape
+    lam = float(torch.rand(1, generator=generator, dtype=torch.float64))  # Beta(1, 1) is uniform
+    box_h, box_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    centre_y, centre_x = (int(torch.randint(0, size, (1,), generator=generator)) for size in (h, w))
+    top, bottom = max(centre_y - box_h // 2, 0), min(centre_y + box_h - box_h // 2, h)
+    left, right = max(centre_x - box_w // 2, 0), min(centre_x + box_w - box_w // 2, w)
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    mixed = x.clone()
+    mixed[:, :, top:bottom, left:right] = x[perm][:, :, top:bottom, left:right]
+    pasted = (bottom - top) * (right - left) / (h * w)
+    return mixed, (1 - pasted) * y_soft + pasted * y_soft[perm]
+
+
+def _mix(
+    x: torch.Tensor, y_soft: torch.Tensor, generator: torch.Generator, config: DistillConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's mixing of a batch: CutMix with probability ``config.cutmix``, else mixup. No random number is
+    drawn for the choice when ``cutmix`` is 0, so recipes without it make the same batches as before it existed."""
+    if config.cutmix > 0 and float(torch.rand(1, generator=generator)) < config.cutmix:
+        return cutmix(x, y_soft, generator)
+    return mixup(x, y_soft, generator, config.mixup)
+
+
 def distill(
     student: nn.Module,
     data: LabeledImages,
@@ -211,7 +246,7 @@ def distill(
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
-        x, targets = mixup(_augment(x, generator, config), targets, generator, config.mixup)
+        x, targets = _mix(_augment(x, generator, config), targets, generator, config)
         logits = model(x)
         check_width(logits)
         use_teacher = teacher is not None and config.kd_weight > 0
@@ -268,15 +303,15 @@ def teacher_bank(
     generator: torch.Generator,
     config: DistillConfig,
 ) -> TeacherBank:
-    """``config.bank`` images made from ``data`` as the per-batch recipe makes them (shifts, then mixup within a
-    batch), with the teacher's log-probabilities computed once."""
+    """``config.bank`` images made from ``data`` as the per-batch recipe makes them (shifts, then mixup or CutMix
+    within a batch), with the teacher's log-probabilities computed once."""
     xs, ys, log_ps = [], [], []
     made = 0
     while made < config.bank:
         index = torch.randint(0, len(data), (min(config.batch_size, config.bank - made),), generator=generator)
         x, y = data.x[index], data.y[index.to(data.y.device)]
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
-        x, targets = mixup(_augment(x, generator, config), targets, generator, config.mixup)
+        x, targets = _mix(_augment(x, generator, config), targets, generator, config)
         xs.append(x)
         ys.append(targets)
         log_ps.append(teacher_log_probs(x, data.num_classes))
