@@ -61,7 +61,7 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
         runs["cfg_split"] != "dirichlet", "dirichlet(" + runs["cfg_alpha"].map("{:g}".format) + ")"
     )
     default_model = str(DEFAULT_RUN_CONFIG["model"])
-    model = runs["cfg_model"].fillna(default_model) if "cfg_model" in runs else default_model
+    model = runs.get("cfg_model", pd.Series(default_model, index=runs.index)).fillna(default_model)
     runs["setting"] = (
         runs["cfg_dataset"]
         + " "
@@ -69,7 +69,7 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
         + ", "
         + runs["cfg_per-class"].astype(int).astype(str)
         + "/class"
-        + pd.Series(model, index=runs.index).map(lambda name: "" if name == default_model else f", {name}")
+        + (", " + model).where(model != default_model, "")
     )
     runs["pipeline"] = runs["sweep-method"] + runs.apply(_recipe_label, axis=1)
     return runs
@@ -89,13 +89,13 @@ def _recipe_label(row: pd.Series) -> str:
     rotate, scale = value("cfg_distill-rotate", 0), value("cfg_distill-scale", 0)
     affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
     cutmix = value("cfg_distill-cutmix", 0)
-    affine += f", cutmix {cutmix:g}" if cutmix else ""
+    cutmix_label = f", cutmix {cutmix:g}" if cutmix else ""
     default_decay = float(DEFAULT_RUN_CONFIG["distill-weight-decay"])
     decay = value("cfg_distill-weight-decay", default_decay)
     decay_label = "" if decay == default_decay else f", weight decay {decay:g}"
     return (
-        f" (shift {value('cfg_distill-shift', 2):g}{affine}, labels x{value('cfg_distill-label-weight', 1):g}"
-        f"{decay_label}, "
+        f" (shift {value('cfg_distill-shift', 2):g}{affine}{cutmix_label}, "
+        f"labels x{value('cfg_distill-label-weight', 1):g}{decay_label}, "
         f"bank {value('cfg_distill-bank', 0):g}, alignment passes {value('cfg_alignment-iters', 100):g}, "
         f"{row['cfg_epochs']} epochs{teacher})"
     )

@@ -180,7 +180,7 @@ def cutmix(x: torch.Tensor, y_soft: torch.Tensor, generator: torch.Generator) ->
     left, right = max(centre_x - box_w // 2, 0), min(centre_x + box_w - box_w // 2, w)
     perm = torch.randperm(n, generator=generator).to(x.device)
     mixed = x.clone()
-    mixed[:, :, top:bottom, left:right] = x[perm][:, :, top:bottom, left:right]
+    mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
     pasted = (bottom - top) * (right - left) / (h * w)
     return mixed, (1 - pasted) * y_soft + pasted * y_soft[perm]
 
