@@ -19,7 +19,7 @@ from fedmerge.merge.distill import DistillConfig
 from fedmerge.merge.methods import MethodName
 from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
-from fedmerge.surrogate import SURROGATE_KINDS, SurrogateConfig
+from fedmerge.surrogate import SURROGATE_KINDS, CondenseConfig, SurrogateConfig
 from fedmerge.train import TrainConfig
 from strategies.defences import SURROGATE_ACTIONS, Defences
 from strategies.merge_strategy import ENSEMBLE_WEIGHTINGS, EnsembleWeighting
@@ -86,6 +86,7 @@ _KEYS: dict[str, _Key] = {
     "optimizer": _Key("sgd", str, OPTIMIZERS),
     "surrogate": _Key("random", str, SURROGATE_KINDS),
     "per-class": _Key(10, int, minimum=1),
+    "condense-iterations": _Key(0, int, minimum=0),  # networks condensation matches on (0: the library's default)
     # server
     "strategy": _Key("merge", str, STRATEGIES),
     "method": _Key("ste", str, METHODS),
@@ -286,7 +287,11 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
             batch_size=int(values["batch-size"]),
             optimizer=str(values["optimizer"]),
         ),
-        surrogate=SurrogateConfig(kind=str(values["surrogate"]), per_class=int(values["per-class"])),
+        surrogate=SurrogateConfig(
+            kind=str(values["surrogate"]),
+            per_class=int(values["per-class"]),
+            condense=CondenseConfig(iterations=int(values["condense-iterations"]) or None),
+        ),
         strategy=str(values["strategy"]),
         method=cast(MethodName, values["method"]),
         schedule=cast(Schedule, values["schedule"]),

@@ -21,6 +21,7 @@ ADDED_LATER: tuple[str, ...] = (
     "distill-scale",
     "distill-weight-decay",
     "distill-cutmix",
+    "condense-iterations",
 )
 """Run-config keys added after the committed rows were keyed: left out of a key while at their default, so those
 rows keep their keys (add every new run-config key here)."""

@@ -46,8 +46,13 @@ OURS = {
 
 
 def surrogate_label(row: pd.Series) -> str:
-    """What the clients sent, e.g. ``random 10/class`` or ``condensed-noise 1/class``."""
-    return f"{row['cfg_surrogate']} {int(row['cfg_per-class'])}/class"
+    """What the clients sent, e.g. ``random 10/class`` or ``condensed-noise 1/class, 300 networks`` (condensed for
+    longer than the library's default)."""
+    label = f"{row['cfg_surrogate']} {int(row['cfg_per-class'])}/class"
+    networks = row.get("cfg_condense-iterations", 0)
+    if str(row["cfg_surrogate"]).startswith("condensed") and pd.notna(networks) and networks:
+        label += f", {int(networks)} networks"
+    return label
 
 
 def our_rows(runs: pd.DataFrame) -> pd.DataFrame:

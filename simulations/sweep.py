@@ -178,7 +178,7 @@ def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
         key: DEFAULT_RUN_CONFIG[key]
         for key in DEFAULT_RUN_CONFIG
         if key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule")
-        or key.startswith(("distill-", "alignment"))
+        or key.startswith(("distill-", "alignment", "condense-"))
     }  # unused by FedAvg: every merge variant of a federation shares one FedAvg run
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pandas as pd
 import pytest
 import torch
 
@@ -266,6 +267,10 @@ def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_p
     assert pipeline.startswith("wm@universe+kd100 (")  # the method and its recipe tell pipelines apart
     ours = one_shot_report.our_rows(runs)
     assert ours.loc[("mnist", pipeline, "random 1/class", "merge + distillation"), 0.1] == 65.0
+    condensed = {"cfg_surrogate": "condensed-noise", "cfg_per-class": 1}
+    assert one_shot_report.surrogate_label(pd.Series(condensed)) == "condensed-noise 1/class"
+    longer = pd.Series(condensed | {"cfg_condense-iterations": 300})
+    assert one_shot_report.surrogate_label(longer) == "condensed-noise 1/class, 300 networks"
 
 
 def test_flower_cli_stops_nothing_of_an_unused_flower_home(tmp_path, capsys):

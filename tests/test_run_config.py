@@ -81,6 +81,17 @@ def test_overrides():
     assert settings.merge_config() == MergeConfig("np", "repair", STEConfig(steps=10), NPConfig(steps=20), seed=7)
 
 
+def test_condense_iterations_reach_the_surrogate_and_zero_keeps_the_library_default():
+    from fedmerge.surrogate import CondenseConfig
+
+    settings = settings_from_run_config({"surrogate": "condensed-noise", "condense-iterations": 300}, 2)
+    assert settings.surrogate.condense == CondenseConfig(iterations=300)
+    assert settings.surrogate.condense.schedule(settings.surrogate.per_class)[0] == 300
+    assert settings_from_run_config({}, 2).surrogate == SurrogateConfig()  # cache keys of older clients unchanged
+    with pytest.raises(ValueError, match="'condense-iterations' must be >= 0"):
+        settings_from_run_config({"condense-iterations": -1}, 2)
+
+
 def test_num_clients_comes_from_the_caller():
     assert settings_from_run_config({"split": "iid"}, num_clients=5).federation.num_clients == 5
 

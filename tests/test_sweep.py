@@ -163,6 +163,7 @@ def test_fedavg_counterpart_keeps_the_federation_and_drops_the_merge_settings():
     assert (fedavg.num_clients, fedavg.backend) == (4, "in-process") and federation_of(fedavg) == federation_of(run)
     assert all(fedavg.config[key] == DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class"))
     assert fedavg == fedavg_counterpart(merge_run(epochs=3, method="average", surrogate="random"), 5)
+    assert fedavg == fedavg_counterpart(merge_run(epochs=3, surrogate="condensed", **{"condense-iterations": 9}), 5)
     assert fedavg != fedavg_counterpart(run, 4) and fedavg != fedavg_counterpart(merge_run(epochs=4), 5)
 
 
