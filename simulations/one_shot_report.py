@@ -18,6 +18,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from fedmerge.surrogate import CONDENSED_INIT
 from simulations.n_client_report import load_distilled_runs
 from simulations.results_io import report_main
 
@@ -50,7 +51,7 @@ def surrogate_label(row: pd.Series) -> str:
     longer than the library's default)."""
     label = f"{row['cfg_surrogate']} {int(row['cfg_per-class'])}/class"
     networks = row.get("cfg_condense-iterations", 0)
-    if str(row["cfg_surrogate"]).startswith("condensed") and pd.notna(networks) and networks:
+    if row["cfg_surrogate"] in CONDENSED_INIT and pd.notna(networks) and networks:
         label += f", {int(networks)} networks"
     return label
 
