@@ -7,12 +7,17 @@ has no line end (a write cut short: every writer here ends each line with one). 
 (WARNING, naming the file and the line number), appended to ``<file>.bad`` next to the file (e.g.
 ``runs.csv.bad``) and removed from the file, which is rewritten atomically with the good lines only; when the file
 cannot be rewritten (read-only results), the broken lines are left in it but still not read.
+
+Writers hold an exclusive lock on ``<file>.lock`` while they read, extend and replace the file, so two sweeps that
+write into one CSV at once (e.g. two seeds run side by side) never lose each other's rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -128,19 +133,32 @@ def _set_aside(csv_path: Path, good: list[str], bad: list[str]) -> None:
         log.warning("%s: cannot set its broken rows aside (%s); they are skipped when read", csv_path, err)
 
 
+@contextlib.contextmanager
+def _locked(csv_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<file>.lock`` (blocking until any other writer of the file is done)."""
+    with open(csv_path.with_name(csv_path.name + ".lock"), "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def save_rows(csv_path: Path, rows: list[dict]) -> None:
     """Add ``rows`` to the CSV, matching columns by name, via a temporary file and an atomic rename.
 
-    The old rows are read with :func:`read_rows` (broken lines are set aside, not carried forward).
+    The old rows are read with :func:`read_rows` (broken lines are set aside, not carried forward). The whole
+    read-extend-replace holds the file's lock, so concurrent writers add their rows one after the other.
     """
     if not rows:
         return
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    # Old rows are read as text and written back unchanged (no type guessing: a key "0123" stays "0123").
-    old = read_rows(csv_path, dtype=str, keep_default_na=False)
-    tmp = csv_path.with_suffix(".csv.tmp")
-    pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    with _locked(csv_path):
+        # Old rows are read as text and written back unchanged (no type guessing: a key "0123" stays "0123").
+        old = read_rows(csv_path, dtype=str, keep_default_na=False)
+        tmp = csv_path.with_suffix(".csv.tmp")
+        pd.concat([old, pd.DataFrame(rows)], ignore_index=True).to_csv(tmp, index=False)
+        tmp.replace(csv_path)
 
 
 def report_main(

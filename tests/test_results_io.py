@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -79,6 +81,27 @@ def test_save_rows_does_not_carry_a_cut_line_forward(tmp_path: Path):
     save_rows(csv, [{"run-key": "k3", "method": "np", "acc": 75.0}])
     assert pd.read_csv(csv)["run-key"].tolist() == ["k1", "k3"]
     assert bad_rows_path(csv).read_text() == "k2,st\n"
+
+
+def _save_one_by_one(csv: Path, writer: str, count: int, start: Any) -> None:
+    start.wait(timeout=60)
+    for i in range(count):
+        save_rows(csv, [{"run-key": f"{writer}-{i}", "method": "wm", "acc": float(i)}])
+
+
+def test_two_writers_at_once_lose_no_row(tmp_path: Path):
+    """Two sweeps appending to one CSV side by side (e.g. one per seed): every row of both ends up in the file."""
+    csv = tmp_path / "runs.csv"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    writers = [context.Process(target=_save_one_by_one, args=(csv, name, 100, start)) for name in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
+    keys = set(pd.read_csv(csv)["run-key"])
+    assert keys == {f"{name}-{i}" for name in ("a", "b") for i in range(100)}
 
 
 def test_when_the_bad_rows_cannot_be_set_aside_they_are_still_skipped(tmp_path: Path, caplog):
