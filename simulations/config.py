@@ -19,7 +19,7 @@ from fedmerge.merge.distill import DistillConfig
 from fedmerge.merge.methods import MethodName
 from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
-from fedmerge.surrogate import SURROGATE_KINDS, CondenseConfig, SurrogateConfig
+from fedmerge.surrogate import CONDENSED_INIT, SURROGATE_KINDS, CondenseConfig, SurrogateConfig
 from fedmerge.train import TrainConfig
 from strategies.defences import SURROGATE_ACTIONS, Defences
 from strategies.merge_strategy import ENSEMBLE_WEIGHTINGS, EnsembleWeighting
@@ -270,6 +270,14 @@ def _defences(values: Mapping[str, ConfigValue]) -> Defences:
     )
 
 
+def _condense_config(values: Mapping[str, ConfigValue]) -> CondenseConfig:
+    """The condensation's knobs: the run config's for a condensed surrogate, the library's defaults for any other
+    kind (condensation does not run there, and a surrogate's cache key must not change with them)."""
+    if values["surrogate"] not in CONDENSED_INIT:
+        return CondenseConfig()
+    return CondenseConfig(iterations=int(values["condense-iterations"]) or None)
+
+
 def settings_from_run_config(run_config: Mapping[str, object], num_clients: int) -> RunSettings:
     """Typed settings from a Flower run config for a federation of ``num_clients`` clients."""
     values = _checked(run_config)
@@ -290,7 +298,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         surrogate=SurrogateConfig(
             kind=str(values["surrogate"]),
             per_class=int(values["per-class"]),
-            condense=CondenseConfig(iterations=int(values["condense-iterations"]) or None),
+            condense=_condense_config(values),
         ),
         strategy=str(values["strategy"]),
         method=cast(MethodName, values["method"]),

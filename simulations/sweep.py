@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedmerge.federation import global_test_data
 from fedmerge.merge import METHODS
 from fedmerge.progress import progress_enabled
-from fedmerge.surrogate import SURROGATE_KINDS
+from fedmerge.surrogate import CONDENSED_INIT, SURROGATE_KINDS
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.flower_cli import default_client_gpus, flwr_run, stop_superlinks
 from simulations.process_tree import Terminated, sigterm_raises
@@ -171,15 +171,17 @@ class SweepGrid:
         settings_from_run_config(self.overrides, 2)  # unknown keys and bad values fail here, before any run
 
 
+def _defaults_of(*prefixes: str) -> dict[str, ConfigValue]:
+    """The default value of every run-config key that starts with one of ``prefixes``."""
+    return {key: value for key, value in DEFAULT_RUN_CONFIG.items() if key.startswith(prefixes)}
+
+
 def fedavg_counterpart(run: PlannedRun, rounds: int) -> PlannedRun:
     """The FedAvg run over the same federation as ``run`` (same data, clients, model and training)."""
     config = run.config | {"strategy": "fedavg", "num-rounds": rounds}
     config |= {
-        key: DEFAULT_RUN_CONFIG[key]
-        for key in DEFAULT_RUN_CONFIG
-        if key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule")
-        or key.startswith(("distill-", "alignment", "condense-"))
-    }  # unused by FedAvg: every merge variant of a federation shares one FedAvg run
+        key: DEFAULT_RUN_CONFIG[key] for key in ("method", "surrogate", "per-class", "finetune-epochs", "schedule")
+    } | _defaults_of("distill-", "alignment", "condense-")  # unused by FedAvg: one FedAvg run per federation
     return PlannedRun.make(config, run.num_clients, run.backend, run.client_cpus)
 
 
@@ -231,6 +233,8 @@ def plan(grid: SweepGrid) -> tuple[list[PlannedRun], list[tuple[str, str]]]:
                                     "schedule": schedule,
                                     "distill-steps": distill_steps,
                                 }
+                                if kind not in CONDENSED_INIT:  # condensation knobs change nothing here
+                                    config |= _defaults_of("condense-")
                                 run = PlannedRun.make(config, num_clients, grid.backend, grid.client_cpus)
                                 if grid.fedavg_rounds:
                                     runs.append(fedavg_counterpart(run, grid.fedavg_rounds))

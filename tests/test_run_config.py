@@ -88,6 +88,8 @@ def test_condense_iterations_reach_the_surrogate_and_zero_keeps_the_library_defa
     assert settings.surrogate.condense == CondenseConfig(iterations=300)
     assert settings.surrogate.condense.schedule(settings.surrogate.per_class)[0] == 300
     assert settings_from_run_config({}, 2).surrogate == SurrogateConfig()  # cache keys of older clients unchanged
+    random = settings_from_run_config({"surrogate": "random", "condense-iterations": 300}, 2)
+    assert random.surrogate == SurrogateConfig()  # no condensation runs, so the surrogate's cache key stays
     with pytest.raises(ValueError, match="'condense-iterations' must be >= 0"):
         settings_from_run_config({"condense-iterations": -1}, 2)
 

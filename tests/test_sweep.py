@@ -125,6 +125,15 @@ def test_run_keys_are_stable_and_depend_on_what_decides_the_run():
     assert run.config == config and run.method == "ste" and PlannedRun.make(config, 2, "flower") == run
 
 
+def test_condensation_settings_key_only_condensed_surrogates():
+    grid = {"datasets": ["digits"], "splits": ["disjoint"], "clients": [2], "methods": ["wm"], "fedavg_rounds": 0}
+    surrogates = [("random", 10), ("condensed-noise", 1)]
+    plain = plan(SweepGrid(**grid, surrogates=surrogates))[0]
+    longer = plan(SweepGrid(**grid, surrogates=surrogates, overrides={"condense-iterations": 300}))[0]
+    assert longer[0] == plain[0]  # the random surrogate's run (and key) ignores the condensation's knob
+    assert longer[1].key != plain[1].key and longer[1].config["condense-iterations"] == 300
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
