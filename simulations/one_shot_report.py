@@ -56,10 +56,14 @@ def surrogate_label(row: pd.Series) -> str:
     return label
 
 
+def _with_surrogate(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.assign(surrogate=runs.apply(surrogate_label, axis=1))
+
+
 def our_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds of every ablation column, indexed by (dataset, pipeline, surrogate, column name), one column
-    per alpha; plus the number of seeds."""
-    runs = runs.assign(surrogate=runs.apply(surrogate_label, axis=1))
+    per alpha."""
+    runs = _with_surrogate(runs)
     long = runs.melt(
         id_vars=["cfg_dataset", "pipeline", "surrogate", "cfg_alpha", "cfg_seed"],
         value_vars=[c for c in OURS if c in runs],
@@ -77,9 +81,51 @@ def our_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_index(key=lambda level: level.map(order) if level.name == "row" else level)
 
 
-def verdict(ours: pd.DataFrame, dataset: str) -> list[str]:
-    """One line per (pipeline, surrogate): does merge + distillation match or beat DENSE at every alpha, and by how
-    much it is short where it is not."""
+def merged_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """Merge + distillation accuracy of every seed, indexed by (dataset, pipeline, surrogate, seed), one column per
+    alpha (NaN where that seed did not run that alpha)."""
+    return _with_surrogate(runs).pivot_table(
+        index=["cfg_dataset", "pipeline", "surrogate", "cfg_seed"],
+        columns="cfg_alpha",
+        values="acc_merged_global",
+        aggfunc="mean",
+    )
+
+
+def seeds_of(per_seed: pd.DataFrame, dataset: str, pipeline: str, surrogate: str) -> pd.DataFrame:
+    """The rows of :func:`merged_per_seed` for one (dataset, pipeline, surrogate), indexed by seed."""
+    return cast(
+        pd.DataFrame, per_seed.xs((dataset, pipeline, surrogate), level=["cfg_dataset", "pipeline", "surrogate"])
+    )
+
+
+def seeds_label(per_seed: pd.DataFrame) -> str:
+    """How many seeds each alpha's mean is over: ``3`` when the same for every alpha run, else ``1 / 3 / 1``."""
+    counts = per_seed.notna().sum()
+    counts = counts[counts > 0]
+    return str(counts.iloc[0]) if counts.nunique() == 1 else " / ".join(map(str, counts))
+
+
+def _seed_note(per_seed: pd.DataFrame, dense: dict[float, float]) -> str:
+    """Where several seeds ran: whether every single seed also matches DENSE, or which fall short and by how much."""
+    alphas = [float(alpha) for alpha in per_seed.columns]
+    several = [alpha for alpha in alphas if alpha in dense and per_seed[alpha].notna().sum() > 1]
+    if not several:
+        return ""
+    short = [
+        f"seed {seed} at alpha {alpha:g} by {dense[alpha] - value:.1f}"
+        for alpha in several
+        for seed, value in per_seed[alpha].dropna().items()
+        if value < dense[alpha]
+    ]
+    alone = "every seed alone matches or beats DENSE" if not short else "short alone: " + ", ".join(short)
+    return f"seeds {seeds_label(per_seed)}, {alone}"
+
+
+def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = None) -> list[str]:
+    """One line per (pipeline, surrogate): does merge + distillation (mean over seeds) match or beat DENSE at every
+    alpha, and by how much it is short where it is not; with ``per_seed`` (:func:`merged_per_seed`), also how each
+    seed alone does where more than one ran."""
     dense = DENSE_TABLE1[(dataset, "DENSE")]
     lines = []
     here = ours.xs(dataset, level="cfg_dataset")
@@ -96,19 +142,25 @@ def verdict(ours: pd.DataFrame, dataset: str) -> list[str]:
             else "short of DENSE at " + ", ".join(f"alpha {a:g} by {s:.1f}" for a, s in short.items())
         )
         missing = sorted(set(dense) - set(gaps))
-        if missing:
-            status += f" (alpha {', '.join(f'{a:g}' for a in missing)} not run)"
+        notes = [f"alpha {', '.join(f'{a:g}' for a in missing)} not run"] if missing else []
+        if per_seed is not None:
+            notes.append(_seed_note(seeds_of(per_seed, dataset, pipeline, surrogate), dense))
+        if any(notes):
+            status += f" ({'; '.join(note for note in notes if note)})"
         lines.append(f"- {pipeline}, {surrogate}: {status}.")
     return lines
 
 
-def dataset_table(ours: pd.DataFrame, dataset: str) -> str:
-    """Markdown: the published rows, then ours (pipeline, surrogate, ablation column), one column per alpha."""
+def dataset_table(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = None) -> str:
+    """Markdown: the published rows, then ours (pipeline, surrogate, ablation column), one column per alpha; with
+    ``per_seed`` (:func:`merged_per_seed`), a last column with the number of seeds of each of our rows."""
     alphas = sorted({a for (d, _), row in DENSE_TABLE1.items() if d == dataset for a in row})
     rows = []
     for (d, method), values in DENSE_TABLE1.items():
         if d == dataset:
             rows.append({"source": "Zhang et al. 2022", "row": method, **{f"alpha {a:g}": values[a] for a in alphas}})
+            if per_seed is not None:
+                rows[-1]["seeds"] = ""
     here = ours.xs(dataset, level="cfg_dataset") if dataset in ours.index.get_level_values(0) else ours.iloc[:0]
     for key, accuracy in here.iterrows():
         pipeline, surrogate, row = cast(tuple[str, str, str], key)
@@ -119,6 +171,8 @@ def dataset_table(ours: pd.DataFrame, dataset: str) -> str:
                 **{f"alpha {a:g}": accuracy.get(a, float("nan")) for a in alphas},
             }
         )
+        if per_seed is not None:
+            rows[-1]["seeds"] = seeds_label(seeds_of(per_seed, dataset, pipeline, surrogate))
     return pd.DataFrame(rows).round(1).to_markdown(index=False)
 
 
@@ -150,7 +204,7 @@ def plot(ours: pd.DataFrame, path: Path) -> Path:
 
 def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
     """The page: what ran, and per dataset the published rows beside ours and the verdict against DENSE."""
-    ours = our_rows(runs)
+    ours, per_seed = our_rows(runs), merged_per_seed(runs)
     first = runs.iloc[0]
     seeds = ", ".join(map(str, sorted(runs["cfg_seed"].unique())))
     lines = [
@@ -158,11 +212,11 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
         "",
         f"{len(runs)} runs, seeds {seeds}; {int(first['num-clients'])} clients, Dirichlet(alpha) split, model "
         f"{first['cfg_model']}, local epochs {', '.join(map(str, sorted(runs['cfg_epochs'].unique())))} (each "
-        "pipeline's label says which), one round. Accuracy (%) on the global test set, "
-        "mean over seeds. Every one of our rows comes from the same run on the same clients: the merge alone, the "
-        "merge then ensemble distillation on the surrogates the clients sent, the same distillation from a fresh "
-        "model, a fresh model trained on the pooled surrogates with the same recipe, and the ensemble; FedAvg "
-        "(1 round) is the same federation's FedAvg run.",
+        "pipeline's label says which), one round. Accuracy (%) on the global test set, mean over seeds (the "
+        "`seeds` column says how many; several numbers: per alpha). Every one of our rows comes from the same run "
+        "on the same clients: the merge alone, the merge then ensemble distillation on the surrogates the clients "
+        "sent, the same distillation from a fresh model, a fresh model trained on the pooled surrogates with the "
+        "same recipe, and the ensemble; FedAvg (1 round) is the same federation's FedAvg run.",
         "",
         "DENSE sends no client data to the server; our pipeline receives each client's surrogate. The 1/class rows "
         "and the noise-initialised condensed rows (no raw image leaves a client; see `../privacy.md`) are the "
@@ -175,7 +229,8 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
     for dataset in ("mnist", "fashion-mnist"):
         if dataset not in ours.index.get_level_values(0):
             continue
-        lines += [f"## {dataset}", "", dataset_table(ours, dataset), "", *verdict(ours, dataset), ""]
+        table = dataset_table(ours, dataset, per_seed)
+        lines += [f"## {dataset}", "", table, "", *verdict(ours, dataset, per_seed), ""]
     costs = runs.groupby(["cfg_dataset", "cfg_alpha", "pipeline"])[["merge-seconds"]].mean().round(1)
     costs = costs.reset_index().rename(columns={"cfg_dataset": "dataset", "cfg_alpha": "alpha"})
     lines += ["## Server time (merge + distillation, s, mean per run, 2 CPU cores)", "", costs.to_markdown(index=False)]

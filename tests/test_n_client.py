@@ -259,7 +259,10 @@ def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_p
     figure, page = one_shot_report.write_report(tmp_path / "runs.csv")
     text = page.read_text()
     assert figure.exists() and "## mnist" in text and "## fashion-mnist" in text
-    assert "short of DENSE at alpha 0.1 by 1.6 (alpha 0.3 not run)" in text
+    short = (
+        "short of DENSE at alpha 0.1 by 1.6 (alpha 0.3 not run; seeds 2 / 1, short alone: seed 1 at alpha 0.1 by 6.6)"
+    )
+    assert short in text  # seed 0 (70.0) beats DENSE alone, seed 1 (60.0) does not
     fashion = "2 epochs), random 1/class: matches or beats DENSE at every alpha run (alpha 0.1, 0.3 not run)"
     assert fashion in text
     runs = one_shot_report.load_distilled_runs(tmp_path / "runs.csv")
@@ -267,6 +270,14 @@ def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_p
     assert pipeline.startswith("wm@universe+kd100 (")  # the method and its recipe tell pipelines apart
     ours = one_shot_report.our_rows(runs)
     assert ours.loc[("mnist", pipeline, "random 1/class", "merge + distillation"), 0.1] == 65.0
+    per_seed = one_shot_report.merged_per_seed(runs)
+    assert (
+        one_shot_report.seeds_label(one_shot_report.seeds_of(per_seed, "mnist", pipeline, "random 1/class")) == "2 / 1"
+    )
+    assert (
+        one_shot_report.seeds_label(one_shot_report.seeds_of(per_seed, "fashion-mnist", pipeline, "random 1/class"))
+        == "1"
+    )
     condensed = {"cfg_surrogate": "condensed-noise", "cfg_per-class": 1}
     assert one_shot_report.surrogate_label(pd.Series(condensed)) == "condensed-noise 1/class"
     longer = pd.Series(condensed | {"cfg_condense-iterations": 300})
