@@ -119,7 +119,9 @@ def _seed_note(per_seed: pd.DataFrame, dense: dict[float, float]) -> str:
         if value < dense[alpha]
     ]
     alone = "every seed alone matches or beats DENSE" if not short else "short alone: " + ", ".join(short)
-    return f"seeds {seeds_label(per_seed)}, {alone}"
+    label = seeds_label(per_seed)
+    seeds = f"{label} seeds" if "/" not in label else f"seeds per alpha {label}"
+    return f"{seeds}, {alone}"
 
 
 def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = None) -> list[str]:

@@ -259,9 +259,8 @@ def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_p
     figure, page = one_shot_report.write_report(tmp_path / "runs.csv")
     text = page.read_text()
     assert figure.exists() and "## mnist" in text and "## fashion-mnist" in text
-    short = (
-        "short of DENSE at alpha 0.1 by 1.6 (alpha 0.3 not run; seeds 2 / 1, short alone: seed 1 at alpha 0.1 by 6.6)"
-    )
+    short = "short of DENSE at alpha 0.1 by 1.6 (alpha 0.3 not run; seeds per alpha 2 / 1, short alone: seed 1 at "
+    short += "alpha 0.1 by 6.6)"
     assert short in text  # seed 0 (70.0) beats DENSE alone, seed 1 (60.0) does not
     fashion = "2 epochs), random 1/class: matches or beats DENSE at every alpha run (alpha 0.1, 0.3 not run)"
     assert fashion in text
