@@ -124,9 +124,9 @@ def _seed_note(per_seed: pd.DataFrame, dense: dict[float, float]) -> str:
     return f"{seeds}, {alone}"
 
 
-def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = None) -> list[str]:
+def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame) -> list[str]:
     """One line per (pipeline, surrogate): does merge + distillation (mean over seeds) match or beat DENSE at every
-    alpha, and by how much it is short where it is not; with ``per_seed`` (:func:`merged_per_seed`), also how each
+    alpha, and by how much it is short where it is not; and, from ``per_seed`` (:func:`merged_per_seed`), how each
     seed alone does where more than one ran."""
     dense = DENSE_TABLE1[(dataset, "DENSE")]
     lines = []
@@ -145,24 +145,22 @@ def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = No
         )
         missing = sorted(set(dense) - set(gaps))
         notes = [f"alpha {', '.join(f'{a:g}' for a in missing)} not run"] if missing else []
-        if per_seed is not None:
-            notes.append(_seed_note(seeds_of(per_seed, dataset, pipeline, surrogate), dense))
-        if any(notes):
-            status += f" ({'; '.join(note for note in notes if note)})"
+        notes += [note for note in [_seed_note(seeds_of(per_seed, dataset, pipeline, surrogate), dense)] if note]
+        if notes:
+            status += f" ({'; '.join(notes)})"
         lines.append(f"- {pipeline}, {surrogate}: {status}.")
     return lines
 
 
-def dataset_table(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | None = None) -> str:
-    """Markdown: the published rows, then ours (pipeline, surrogate, ablation column), one column per alpha; with
-    ``per_seed`` (:func:`merged_per_seed`), a last column with the number of seeds of each of our rows."""
+def dataset_table(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame) -> str:
+    """Markdown: the published rows, then ours (pipeline, surrogate, ablation column), one column per alpha, and a
+    last column with the number of seeds of each of our rows (from ``per_seed``, :func:`merged_per_seed`)."""
     alphas = sorted({a for (d, _), row in DENSE_TABLE1.items() if d == dataset for a in row})
     rows = []
     for (d, method), values in DENSE_TABLE1.items():
         if d == dataset:
-            rows.append({"source": "Zhang et al. 2022", "row": method, **{f"alpha {a:g}": values[a] for a in alphas}})
-            if per_seed is not None:
-                rows[-1]["seeds"] = ""
+            published = {f"alpha {a:g}": values[a] for a in alphas}
+            rows.append({"source": "Zhang et al. 2022", "row": method, **published, "seeds": ""})
     here = ours.xs(dataset, level="cfg_dataset") if dataset in ours.index.get_level_values(0) else ours.iloc[:0]
     for key, accuracy in here.iterrows():
         pipeline, surrogate, row = cast(tuple[str, str, str], key)
@@ -171,10 +169,9 @@ def dataset_table(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame | Non
                 "source": f"ours: {pipeline}, {surrogate}",
                 "row": row,
                 **{f"alpha {a:g}": accuracy.get(a, float("nan")) for a in alphas},
+                "seeds": seeds_label(seeds_of(per_seed, dataset, pipeline, surrogate)),
             }
         )
-        if per_seed is not None:
-            rows[-1]["seeds"] = seeds_label(seeds_of(per_seed, dataset, pipeline, surrogate))
     return pd.DataFrame(rows).round(1).to_markdown(index=False)
 
 
