@@ -9,7 +9,8 @@ has no line end (a write cut short: every writer here ends each line with one). 
 cannot be rewritten (read-only results), the broken lines are left in it but still not read.
 
 Writers hold an exclusive lock on ``<file>.lock`` while they read, extend and replace the file, so two sweeps that
-write into one CSV at once (e.g. two seeds run side by side) never lose each other's rows.
+write into one CSV at once (e.g. two seeds run side by side) never lose each other's rows; a reader that sets broken
+lines aside takes the same lock for its rewrite.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import csv
 import fcntl
 import io
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,20 +89,14 @@ def _problem(fields: list[str] | None, header: list[str], required: Sequence[str
     return ""
 
 
-def read_rows(csv_path: Path, required: Sequence[str] = (), **read_csv: Any) -> pd.DataFrame:
-    """The rows of the CSV at ``csv_path`` as ``pd.read_csv(..., **read_csv)`` reads them, without broken lines.
-
-    Broken lines (see the module docstring; ``required`` adds key columns to :data:`KEY_COLUMNS`) are logged,
-    moved to :func:`bad_rows_path` and removed from the file. A missing or empty file gives an empty DataFrame.
-    """
-    if not csv_path.exists() or csv_path.stat().st_size == 0:
-        return pd.DataFrame()
+def _split(csv_path: Path, keys: Sequence[str]) -> tuple[bool, list[str], list[tuple[int, str, str]]]:
+    """Read ``csv_path`` and split its records: (whether it has a header, the good records' text, and each broken
+    record as (line number, why, text ending in a line end))."""
     text = csv_path.read_bytes().decode("utf-8", errors="replace")  # line ends as they are
     records = list(_records(text))
-    keys = [*KEY_COLUMNS, *(name for name in required if name not in KEY_COLUMNS)]
     header: list[str] | None = None
     good: list[str] = []
-    bad: list[str] = []
+    bad: list[tuple[int, str, str]] = []
     for index, (line, fields, raw) in enumerate(records):
         if fields == [] or (header is None and fields is not None):  # a blank line (pandas skips it), the header
             header = fields or header
@@ -108,15 +104,35 @@ def read_rows(csv_path: Path, required: Sequence[str] = (), **read_csv: Any) -> 
             continue
         problem = _problem(fields, header or [], keys, raw, index == len(records) - 1)
         if problem:
-            log.warning(
-                "%s, line %d: broken row set aside in %s (%s)", csv_path, line, bad_rows_path(csv_path), problem
-            )
-            bad.append(raw if raw.endswith(("\n", "\r")) else raw + "\n")
+            bad.append((line, problem, raw if raw.endswith(("\n", "\r")) else raw + "\n"))
         else:
             good.append(raw)
+    return header is not None, good, bad
+
+
+def read_rows(csv_path: Path, required: Sequence[str] = (), **read_csv: Any) -> pd.DataFrame:
+    """The rows of the CSV at ``csv_path`` as ``pd.read_csv(..., **read_csv)`` reads them, without broken lines.
+
+    Broken lines (see the module docstring; ``required`` adds key columns to :data:`KEY_COLUMNS`) are logged,
+    moved to :func:`bad_rows_path` and removed from the file. That rewrite holds the file's lock and reads the file
+    again under it, so a row a writer added meanwhile is kept. A missing or empty file gives an empty DataFrame.
+    """
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return pd.DataFrame()
+    keys = [*KEY_COLUMNS, *(name for name in required if name not in KEY_COLUMNS)]
+    has_header, good, bad = _split(csv_path, keys)
     if bad:
-        _set_aside(csv_path, good, bad)
-    if header is None:
+        with contextlib.ExitStack() as lock:
+            with contextlib.suppress(OSError):  # no lock file (read-only results): the rewrite fails too, and says so
+                lock.enter_context(_locked(csv_path))
+            has_header, good, bad = _split(csv_path, keys)  # again: a writer may have replaced the file since
+            for line, problem, _ in bad:
+                log.warning(
+                    "%s, line %d: broken row set aside in %s (%s)", csv_path, line, bad_rows_path(csv_path), problem
+                )
+            if bad:
+                _set_aside(csv_path, good, [raw for _, _, raw in bad])
+    if not has_header:
         return pd.DataFrame()  # only blank lines: nothing to read
     return pd.read_csv(io.StringIO("".join(good)), **read_csv)
 
@@ -133,14 +149,28 @@ def _set_aside(csv_path: Path, good: list[str], bad: list[str]) -> None:
         log.warning("%s: cannot set its broken rows aside (%s); they are skipped when read", csv_path, err)
 
 
+_held = threading.local()
+"""``_held.paths``: the lock files this thread holds (so that a nested :func:`_locked` does not wait on itself)."""
+
+
 @contextlib.contextmanager
 def _locked(csv_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<file>.lock`` (blocking until any other writer of the file is done)."""
-    with open(csv_path.with_name(csv_path.name + ".lock"), "a", encoding="utf-8") as lock:
+    """Hold an exclusive lock on ``<file>.lock``, blocking until any other process or thread holding it is done.
+
+    Re-entrant within a thread: :func:`save_rows` holds the lock while :func:`read_rows` may take it again.
+    """
+    lock_path = csv_path.with_name(csv_path.name + ".lock").resolve()
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if lock_path in held:
+        yield
+        return
+    with open(lock_path, "a", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        held.add(lock_path)
         try:
             yield
         finally:
+            held.discard(lock_path)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 

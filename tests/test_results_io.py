@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,23 @@ def test_two_writers_at_once_lose_no_row(tmp_path: Path):
         assert writer.exitcode == 0
     keys = set(pd.read_csv(csv)["run-key"])
     assert keys == {f"{name}-{i}" for name in ("a", "b") for i in range(100)}
+
+
+def test_setting_broken_lines_aside_waits_for_a_writer_and_keeps_its_row(tmp_path: Path):
+    csv = write(tmp_path / "runs.csv", HEADER + "k1,wm,81.5\nk2,st")
+    with open(tmp_path / "runs.csv.lock", "a") as lock:  # a writer in another process holds the file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        read: dict[str, list[str]] = {}
+        reader = threading.Thread(target=lambda: read.update(keys=read_rows(csv)["run-key"].tolist()))
+        reader.start()
+        time.sleep(0.5)
+        assert "k2,st" in csv.read_text()  # the reader does not rewrite the file under the writer
+        write(csv, HEADER + "k1,wm,81.5\nk3,np,80.0\nk2,st")  # the writer's new row (the cut line still last)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert read["keys"] == ["k1", "k3"]
+    assert csv.read_text() == HEADER + "k1,wm,81.5\nk3,np,80.0\n"
 
 
 def test_when_the_bad_rows_cannot_be_set_aside_they_are_still_skipped(tmp_path: Path, caplog):
