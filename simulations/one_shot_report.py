@@ -56,14 +56,16 @@ def surrogate_label(row: pd.Series) -> str:
     return label
 
 
-def _with_surrogate(runs: pd.DataFrame) -> pd.DataFrame:
+def load_one_shot_runs(csv_path: Path) -> pd.DataFrame:
+    """The distilled runs of ``csv_path`` (:func:`load_distilled_runs`) with ``surrogate`` (:func:`surrogate_label`)
+    added: the table, the per-seed verdict and the plot all group by it."""
+    runs = load_distilled_runs(csv_path)
     return runs.assign(surrogate=runs.apply(surrogate_label, axis=1))
 
 
 def our_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds of every ablation column, indexed by (dataset, pipeline, surrogate, column name), one column
-    per alpha."""
-    runs = _with_surrogate(runs)
+    per alpha (``runs`` as :func:`load_one_shot_runs` gives them)."""
     long = runs.melt(
         id_vars=["cfg_dataset", "pipeline", "surrogate", "cfg_alpha", "cfg_seed"],
         value_vars=[c for c in OURS if c in runs],
@@ -83,8 +85,8 @@ def our_rows(runs: pd.DataFrame) -> pd.DataFrame:
 
 def merged_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """Merge + distillation accuracy of every seed, indexed by (dataset, pipeline, surrogate, seed), one column per
-    alpha (NaN where that seed did not run that alpha)."""
-    return _with_surrogate(runs).pivot_table(
+    alpha (NaN where that seed did not run that alpha; ``runs`` as :func:`load_one_shot_runs` gives them)."""
+    return runs.pivot_table(
         index=["cfg_dataset", "pipeline", "surrogate", "cfg_seed"],
         columns="cfg_alpha",
         values="acc_merged_global",
@@ -240,7 +242,7 @@ def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
     """Write ``summary.md`` and ``one_shot.png`` for the distilled runs of ``csv_path`` into ``out``."""
     out = out or csv_path.parent
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_distilled_runs(csv_path)
+    runs = load_one_shot_runs(csv_path)
     figure = plot(our_rows(runs), out / "one_shot.png")
     page = out / "summary.md"
     page.write_text(summary_markdown(runs, figure))

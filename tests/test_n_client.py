@@ -264,7 +264,7 @@ def test_one_shot_report_puts_ours_beside_dense_and_says_where_it_is_short(tmp_p
     assert short in text  # seed 0 (70.0) beats DENSE alone, seed 1 (60.0) does not
     fashion = "2 epochs), random 1/class: matches or beats DENSE at every alpha run (alpha 0.1, 0.3 not run)"
     assert fashion in text
-    runs = one_shot_report.load_distilled_runs(tmp_path / "runs.csv")
+    runs = one_shot_report.load_one_shot_runs(tmp_path / "runs.csv")
     pipeline = runs["pipeline"].iloc[0]
     assert pipeline.startswith("wm@universe+kd100 (")  # the method and its recipe tell pipelines apart
     ours = one_shot_report.our_rows(runs)
