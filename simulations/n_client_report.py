@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.artist import Artist
 
+from simulations.central import CENTRAL_KEYS, RESULT_COLUMN
 from simulations.config import DEFAULT_RUN_CONFIG
 from simulations.results_io import read_rows, report_main
 
@@ -73,6 +74,42 @@ def load_distilled_runs(csv_path: Path) -> pd.DataFrame:
     )
     runs["pipeline"] = runs["sweep-method"] + runs.apply(_recipe_label, axis=1)
     return runs
+
+
+CENTRAL = "acc_central_global"
+"""The centralised reference (:mod:`simulations.central`) joined onto each run with the same data, model, local
+recipe and seed."""
+
+
+def central_csv_beside(csv_path: Path) -> Path:
+    """Where :mod:`simulations.central` writes by default, relative to a sweep's ``runs.csv``:
+    ``results/sweep/runs.csv`` -> ``results/central/runs.csv``."""
+    return csv_path.parent.parent / "central" / "runs.csv"
+
+
+def with_central(runs: pd.DataFrame, central_csv: Path) -> pd.DataFrame:
+    """``runs`` with :data:`CENTRAL` added: the accuracy of the model trained centrally on all the data with the
+    same dataset, model, width, local recipe and seed (NaN where none was trained, or when ``central_csv`` is
+    missing)."""
+    if not central_csv.exists():
+        return runs.assign(**{CENTRAL: float("nan")})
+    central = read_rows(central_csv, required=("cfg_dataset", "cfg_seed"))
+    keys = [f"cfg_{key}" for key in CENTRAL_KEYS]
+    filled = pd.DataFrame(index=runs.index)
+    for key in CENTRAL_KEYS:  # keys added to the run config later are absent or empty in old rows: their default
+        column = runs[f"cfg_{key}"] if f"cfg_{key}" in runs else pd.Series(index=runs.index, dtype=object)
+        filled[f"cfg_{key}"] = _comparable(column.fillna(DEFAULT_RUN_CONFIG[key]), key)
+        central[f"cfg_{key}"] = _comparable(central[f"cfg_{key}"], key)
+    central = central.groupby(keys)[RESULT_COLUMN].mean().rename(CENTRAL).reset_index()
+    joined = filled.merge(central, on=keys, how="left", validate="many_to_one")
+    return runs.assign(**{CENTRAL: joined[CENTRAL].to_numpy()})
+
+
+def _comparable(column: pd.Series, key: str) -> pd.Series:
+    """A run-config column in one type whichever CSV it came from (numbers as floats: width 0 and 0.0 match)."""
+    default = DEFAULT_RUN_CONFIG[key]
+    numeric = isinstance(default, int | float) and not isinstance(default, bool)
+    return column.astype(float) if numeric else column.astype(str)
 
 
 def _recipe_label(row: pd.Series) -> str:
@@ -183,7 +220,7 @@ def goal_overview(runs: pd.DataFrame) -> str:
         )
         chosen = chosen[(chosen["pipeline"] == pipeline) & chosen["num-clients"].isin(JUDGED_CLIENTS)]
         grouped = chosen.groupby("num-clients")
-        table = grouped[[c for c in [*ABLATION, "own pooled"] if c in chosen]].mean()
+        table = grouped[[c for c in [*ABLATION, "own pooled", CENTRAL] if c in chosen]].mean()
         table["seeds"] = grouped.size()
         goals = goal_columns(table)
         needed = goals[["needed vs ensemble", "needed vs pooled", "needed vs FedAvg"]].max(axis=1)
@@ -198,6 +235,7 @@ def goal_overview(runs: pd.DataFrame) -> str:
                     "pooled, same recipe": table.loc[n, "own pooled"],
                     "pooled, best recipe": table.loc[n, "acc_pooled-recipe_global"],
                     "needed": needed[n],
+                    "central (all data)": table.loc[n, CENTRAL] if CENTRAL in table else float("nan"),
                     "short by": goals.loc[n, "short by"],
                     "goal met": goals.loc[n, "goal met"],
                     "goal met, sample-weighted ensemble": goals.loc[n, "goal met, sample-weighted ensemble"],
@@ -206,7 +244,8 @@ def goal_overview(runs: pd.DataFrame) -> str:
             )
     if not lines:
         return ""
-    return pd.DataFrame(lines).round(1).to_markdown(index=False)
+    overview = pd.DataFrame(lines).dropna(axis="columns", how="all")  # no central reference anywhere: no column
+    return overview.round(1).to_markdown(index=False, missingval="")
 
 
 def cost_table(runs: pd.DataFrame) -> str:
@@ -303,7 +342,10 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
             "",
             "The pipeline with the highest mean merged accuracy over the judged client counts (of those run over "
             "the most seeds); 'needed' is the highest of the three bars, the pooled one taken from the best pooled "
-            "baseline of any recipe tried on the same clients (same local epochs and seed).",
+            "baseline of any recipe tried on the same clients (same local epochs and seed). 'central (all data)' "
+            "is the same model trained with the clients' recipe on every training image at once (`../central/`, "
+            "same seeds; empty where none was trained): where 'needed' is above it, the goal asks one merged model "
+            "for more than centralised training gives.",
             "",
             overview,
             "",
@@ -318,7 +360,7 @@ def write_report(csv_path: Path, out: Path | None = None) -> list[Path]:
     """Write ``n_clients.md`` and ``n_clients.png`` for the distilled runs of ``csv_path`` into ``out``."""
     out = out or csv_path.parent
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_distilled_runs(csv_path)
+    runs = with_central(load_distilled_runs(csv_path), central_csv_beside(csv_path))
     figure = plot(runs, out / "n_clients.png")
     page = out / "n_clients.md"
     page.write_text(summary_markdown(runs, figure))

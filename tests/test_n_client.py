@@ -462,3 +462,31 @@ def test_n_client_overview_judges_against_the_best_pooled_recipe_on_the_same_cli
     cells = [c.strip() for c in line.split("|")]
     assert "90" in cells and "95.5" in cells and "96.5" in cells  # ... against the best pooled (95.5) + 1 = 96.5
     assert "0.5" in cells and "no" in cells
+
+
+def test_the_overview_shows_the_central_model_of_the_same_data_recipe_and_seeds(tmp_path):
+    from simulations import n_client_report
+    from simulations.central import CENTRAL_KEYS, RESULT_COLUMN
+    from simulations.config import DEFAULT_RUN_CONFIG
+    from simulations.results_io import save_rows
+
+    sweep_csv = tmp_path / "sweep" / "runs.csv"
+    seeds = [{**_distilled_row(n, 96.0, 95.0, 90.0, 95.5, 60.0), "cfg_seed": s} for n in (8, 16, 32) for s in (0, 1)]
+    save_rows(sweep_csv, [*seeds, {**seeds[0], "cfg_seed": 2, "num-clients": 2}])  # seed 2: no central model
+    recipe = {f"cfg_{key}": DEFAULT_RUN_CONFIG[key] for key in CENTRAL_KEYS} | {"cfg_dataset": "mnist", "cfg_epochs": 2}
+    central = [
+        {**recipe, "cfg_seed": 0, "cfg_width": 0.0, RESULT_COLUMN: 98.0},  # width as a float: still the same model
+        {**recipe, "cfg_seed": 1, RESULT_COLUMN: 97.0},
+        {**recipe, "cfg_seed": 0, "cfg_epochs": 10, RESULT_COLUMN: 99.9},  # another recipe: never joined
+    ]
+    save_rows(n_client_report.central_csv_beside(sweep_csv), central)
+    runs = n_client_report.load_distilled_runs(sweep_csv)
+    joined = n_client_report.with_central(runs, n_client_report.central_csv_beside(sweep_csv))
+    by_seed = joined.groupby("cfg_seed")[n_client_report.CENTRAL].agg(["min", "max"])
+    assert by_seed.loc[0].tolist() == [98.0, 98.0] and by_seed.loc[1].tolist() == [97.0, 97.0]
+    assert joined[joined["cfg_seed"] == 2][n_client_report.CENTRAL].isna().all()
+    header, _, first = n_client_report.goal_overview(joined).splitlines()[:3]
+    assert "central (all data)" in header and "97.5" in [c.strip() for c in first.split("|")]  # mean of seeds 0, 1
+    assert "central (all data)" not in n_client_report.goal_overview(runs.assign(**{n_client_report.CENTRAL: None}))
+    missing = n_client_report.with_central(runs, tmp_path / "none.csv")
+    assert missing[n_client_report.CENTRAL].isna().all()
