@@ -1,6 +1,6 @@
 """The centralised reference: the clients' model trained with their local recipe on all of a dataset's training
-images at once, as if every client had handed over its data. It is the ceiling of what one model of that
-architecture learns from that data with that recipe; the N-client one-round goals are read against it.
+images at once, as if every client had handed over its data: the usual upper reference of federated learning,
+which the N-client one-round goals are read against.
 
     python -m simulations.central --datasets mnist fashion-mnist --seeds 0 1 2 --set epochs=10 \\
         --data-root ../shared/data
@@ -97,9 +97,10 @@ def summary_markdown(runs: pd.DataFrame) -> str:
             "# Centralised reference",
             "",
             "The clients' model trained with their local recipe (SGD with momentum and a cosine schedule, the epochs "
-            "below) on every training image of the dataset at once, scored on the global test set (%). No one-round "
-            "method that receives only client models and surrogates has more to learn from; the one-round goals of "
-            "`../sweep/n_clients.md` are read against it. `seconds`: training wall time per seed (2 CPU cores).",
+            "below) on every training image of the dataset at once, scored on the global test set (%): what one model "
+            "of this architecture reaches when it sees all the data, the usual upper reference of federated "
+            "learning. The one-round goals of `../sweep/n_clients.md` are read against it. Width 0 is the model's "
+            "default; `seconds` is the training wall time per seed (the CSV's `version_device` names the device).",
             "",
             table.to_markdown(index=False),
             "",

@@ -244,8 +244,12 @@ def goal_overview(runs: pd.DataFrame) -> str:
             )
     if not lines:
         return ""
-    overview = pd.DataFrame(lines).dropna(axis="columns", how="all")  # no central reference anywhere: no column
-    return overview.round(1).to_markdown(index=False, missingval="")
+    overview = pd.DataFrame(lines).dropna(axis="columns", how="all").round(1)  # no central model anywhere: no column
+    if "central (all data)" in overview:
+        overview["central (all data)"] = (
+            overview["central (all data)"].astype(object).where(overview["central (all data)"].notna(), "")
+        )
+    return overview.to_markdown(index=False)
 
 
 def cost_table(runs: pd.DataFrame) -> str:
