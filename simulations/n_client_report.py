@@ -112,10 +112,19 @@ def _comparable(column: pd.Series, key: str) -> pd.Series:
     return column.astype(float) if numeric else column.astype(str)
 
 
+UNUSUAL_RECIPE_KEYS = {
+    "distill-weight-decay": "weight decay",
+    "distill-temperature": "temperature",
+    "distill-mixup": "mixup",
+    "distill-lr": "lr",
+}
+"""Recipe keys a pipeline's label names after the label weight, where a run sets them off their defaults."""
+
+
 def _recipe_label(row: pd.Series) -> str:
-    """The recipe settings that tell pipelines apart: shift (and affine maps, CutMix), label weight, weight decay
-    where it is not the default, teacher bank, alignment passes, local epochs and teacher weighting (defaults when
-    absent)."""
+    """The recipe settings that tell pipelines apart: shift (and affine maps, CutMix), label weight, the
+    :data:`UNUSUAL_RECIPE_KEYS` where they are not the default, teacher bank, alignment passes, local epochs and
+    teacher weighting (defaults when absent)."""
 
     def value(key: str, default: float) -> float:
         found = row.get(key, default)
@@ -127,12 +136,14 @@ def _recipe_label(row: pd.Series) -> str:
     affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
     cutmix = value("cfg_distill-cutmix", 0)
     cutmix_label = f", cutmix {cutmix:g}" if cutmix else ""
-    default_decay = float(DEFAULT_RUN_CONFIG["distill-weight-decay"])
-    decay = value("cfg_distill-weight-decay", default_decay)
-    decay_label = "" if decay == default_decay else f", weight decay {decay:g}"
+    unusual = ""  # named only where they are not the default, so older labels stay as they were
+    for key, name in UNUSUAL_RECIPE_KEYS.items():
+        default = float(DEFAULT_RUN_CONFIG[key])
+        if (found := value(f"cfg_{key}", default)) != default:
+            unusual += f", {name} {found:g}"
     return (
         f" (shift {value('cfg_distill-shift', 2):g}{affine}{cutmix_label}, "
-        f"labels x{value('cfg_distill-label-weight', 1):g}{decay_label}, "
+        f"labels x{value('cfg_distill-label-weight', 1):g}{unusual}, "
         f"bank {value('cfg_distill-bank', 0):g}, alignment passes {value('cfg_alignment-iters', 100):g}, "
         f"{row['cfg_epochs']} epochs{teacher})"
     )

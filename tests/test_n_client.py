@@ -490,3 +490,16 @@ def test_the_overview_shows_the_central_model_of_the_same_data_recipe_and_seeds(
     assert "central (all data)" not in n_client_report.goal_overview(runs.assign(**{n_client_report.CENTRAL: None}))
     missing = n_client_report.with_central(runs, tmp_path / "none.csv")
     assert missing[n_client_report.CENTRAL].isna().all()
+
+
+def test_recipes_that_differ_only_in_temperature_mixup_or_rate_are_separate_pipelines(tmp_path):
+    from simulations import n_client_report
+    from simulations.results_io import save_rows
+
+    base = _distilled_row(8, 90.0, 89.0, 70.0, 95.0, 70.0)
+    variants = [{}, {"cfg_distill-temperature": 4.0}, {"cfg_distill-mixup": 0.2}, {"cfg_distill-lr": 0.01}]
+    save_rows(tmp_path / "runs.csv", [base | {"cfg_distill-temperature": 1.0} | v for v in variants])
+    pipelines = n_client_report.load_distilled_runs(tmp_path / "runs.csv")["pipeline"].tolist()
+    assert len(set(pipelines)) == 4
+    assert pipelines[0] == "wm@universe+kd100 (shift 2, labels x1, bank 0, alignment passes 100, 2 epochs)"
+    assert ", temperature 4," in pipelines[1] and ", mixup 0.2," in pipelines[2] and ", lr 0.01," in pipelines[3]
