@@ -111,6 +111,7 @@ _KEYS: dict[str, _Key] = {
     "distill-scale": _Key(0.0, float, minimum=0, below=1),  # images scaled by 1 +- it
     "distill-weight-decay": _Key(5e-4, float, minimum=0),
     "distill-cutmix": _Key(0.0, float, minimum=0, maximum=1),  # share of batches mixed by CutMix, not mixup
+    "distill-boundary": _Key(0.0, float, minimum=0, maximum=1),  # share of the bank moved to teacher boundaries
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -171,6 +172,7 @@ class RunSettings:
     distill_scale: float = 0.0
     distill_weight_decay: float = 5e-4
     distill_cutmix: float = 0.0
+    distill_boundary: float = 0.0
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -207,6 +209,7 @@ class RunSettings:
             scale=self.distill_scale,
             weight_decay=self.distill_weight_decay,
             cutmix=self.distill_cutmix,
+            boundary=self.distill_boundary if teacher else 0.0,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -285,6 +288,11 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         raise ValueError(
             f"run config 'width' is the MLP's number of hidden units and must be whole, got {values['width']}"
         )
+    if values["distill-boundary"] and not values["distill-bank"]:
+        raise ValueError(
+            "run config 'distill-boundary' moves images of the teacher bank: set 'distill-bank' > 0 as well, got "
+            f"distill-boundary {values['distill-boundary']} with distill-bank 0"
+        )
     return RunSettings(
         federation=_federation(values, num_clients),
         model=str(values["model"]),
@@ -323,6 +331,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_scale=float(values["distill-scale"]),
         distill_weight_decay=float(values["distill-weight-decay"]),
         distill_cutmix=float(values["distill-cutmix"]),
+        distill_boundary=float(values["distill-boundary"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

@@ -117,6 +117,7 @@ UNUSUAL_RECIPE_KEYS = {
     "distill-temperature": "temperature",
     "distill-mixup": "mixup",
     "distill-lr": "lr",
+    "distill-boundary": "boundary share",
 }
 """Recipe keys a pipeline's label names after the label weight, where a run sets them off their defaults."""
 
@@ -327,6 +328,7 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
             "cfg_distill-label-weight",
             "cfg_distill-weight-decay",
             "cfg_distill-cutmix",
+            "cfg_distill-boundary",
             "cfg_alignment",
         )
         if key in runs

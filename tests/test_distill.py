@@ -16,7 +16,16 @@ from torch import nn
 
 from fedmerge.data import LabeledImages, load_dataset
 from fedmerge.merge import Ensemble
-from fedmerge.merge.distill import DistillConfig, DistillResult, agreement, augment, cutmix, distill, mixup
+from fedmerge.merge.distill import (
+    DistillConfig,
+    DistillResult,
+    agreement,
+    augment,
+    cutmix,
+    distill,
+    mixup,
+    toward_boundary,
+)
 from fedmerge.models import MLP
 from fedmerge.train import TrainConfig, evaluate, train
 
@@ -303,3 +312,49 @@ def test_without_weight_decay_the_student_keeps_larger_weights():
         trained = distill(student, data, None, config, seed=0).model
         norms[decay] = trained[1].weight.norm().item()
     assert norms[0.0] > norms[0.5]
+
+
+# ------------------------------------------------------------------------------------------ boundary samples
+
+
+def _two_class_line() -> nn.Module:
+    """Logits (x0, -x0): class 0 where x0 > 0, class 1 where x0 < 0, the boundary at x0 = 0."""
+    line = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        line.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    return line
+
+
+def test_boundary_samples_walk_to_the_teachers_boundary_and_stop_just_past_it():
+    teacher = _two_class_line()
+    x = torch.tensor([[0.1, 1.0], [-0.1, 1.0], [5.0, 0.0]])
+    moved = toward_boundary(x, teacher, steps=5, step=0.04)
+    assert -0.05 < moved[0, 0] < 0 < moved[1, 0] < 0.05  # each crossed over by less than one step, then stopped
+    torch.testing.assert_close(moved[:2, 1], x[:2, 1])  # only along the margin's gradient
+    torch.testing.assert_close(moved[2], torch.tensor([4.0, 0.0]))  # far away: five full steps (4 % of its norm)
+    assert teacher.weight.grad is None  # the teacher is not trained
+    assert toward_boundary(x, teacher, steps=0) is x
+
+
+def test_boundary_share_moves_bank_images_and_reaches_the_recipe(surrogate, ensemble):
+    from simulations.config import settings_from_run_config
+
+    settings = settings_from_run_config({"distill-steps": 10, "distill-bank": 64, "distill-boundary": 0.5}, 2)
+    assert settings.recipe().boundary == 0.5 and settings.recipe(teacher=False).boundary == 0.0  # teacher only
+    with pytest.raises(ValueError, match="distill-bank"):
+        settings_from_run_config({"distill-boundary": 0.5}, 2)
+    with pytest.raises(ValueError, match="bank"):
+        DistillConfig(boundary=0.5)
+    with pytest.raises(ValueError, match="boundary"):
+        DistillConfig(bank=64, boundary=1.5)
+    student = MLP(surrogate.image_shape, 10, width=16)
+    plain = DistillConfig(steps=3, batch_size=8, bank=32)
+    grads = [None if p.grad is None else p.grad.clone() for p in ensemble.parameters()]
+    runs = {
+        share: distill(student, surrogate, ensemble, DistillConfig(**{**plain.as_dict(), "boundary": share}), seed=0)
+        for share in (0.0, 1.0)
+    }
+    assert runs[0.0].losses == distill(student, surrogate, ensemble, plain, seed=0).losses
+    assert runs[1.0].losses != runs[0.0].losses
+    for before, p in zip(grads, ensemble.parameters(), strict=True):  # moving images leaves the teacher's gradients
+        assert (before is None and p.grad is None) or torch.equal(before, p.grad)

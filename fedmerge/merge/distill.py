@@ -45,7 +45,9 @@ class DistillConfig:
     affine maps (rotation by up to ``rotate`` degrees, scaling by ``1 +- scale``, translation by up to ``shift``
     pixels; :func:`affine_augment`): with one image per class the student then sees far more of the teacher.
     ``cutmix`` is the probability that a batch is mixed by :func:`cutmix` (a box of another image pasted in)
-    instead of mixup; 0 (the default) always uses mixup.
+    instead of mixup; 0 (the default) always uses mixup. ``boundary`` is the share of the teacher bank moved toward
+    the teacher's decision boundaries before the teacher labels it (:func:`toward_boundary`, boundary-supporting
+    samples); it needs a bank.
     """
 
     steps: int = 2000
@@ -61,6 +63,7 @@ class DistillConfig:
     rotate: float = 0.0
     scale: float = 0.0
     cutmix: float = 0.0
+    boundary: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
@@ -75,8 +78,11 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ValueError(f"DistillConfig.{name} must be an integer, got {value!r}")
-        if not 0 <= self.cutmix <= 1:
-            raise ValueError(f"DistillConfig.cutmix is a probability (0 to 1), got {self.cutmix!r}")
+        for name in ("cutmix", "boundary"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"DistillConfig.{name} is a share (0 to 1), got {getattr(self, name)!r}")
+        if self.boundary and not self.bank:
+            raise ValueError("DistillConfig.boundary moves teacher-bank images: it needs bank > 0")
         if self.scale >= 1:
             raise ValueError(f"DistillConfig.scale must be below 1 (images scaled by 1 +- scale), got {self.scale!r}")
         if self.kd_weight == 0 and self.label_weight == 0:
@@ -195,6 +201,44 @@ def _mix(
     return mixup(x, y_soft, generator, config.mixup)
 
 
+BOUNDARY_STEPS = 5
+"""Gradient steps :func:`toward_boundary` takes at most per image."""
+BOUNDARY_STEP = 0.04
+"""Length of one :func:`toward_boundary` step, as a share of the image's own L2 norm (at most 20 % in all)."""
+
+
+def toward_boundary(
+    x: torch.Tensor, teacher: nn.Module, steps: int = BOUNDARY_STEPS, step: float = BOUNDARY_STEP
+) -> torch.Tensor:
+    """Boundary-supporting samples (after Heo et al., AAAI 2019): move every image of ``x`` toward the teacher's
+    decision boundary between its top class and its runner-up, by steps of L2 length ``step`` times the image's
+    norm along the normalised gradient of the teacher's margin (top minus runner-up output). An image stops once
+    the runner-up has overtaken, or after ``steps`` steps. Where the teacher hesitates its soft targets say most
+    about where its classes meet, which the few surrogate images rarely show. Returns new images; the teacher's
+    parameters get no gradient."""
+    if steps < 0 or step < 0:
+        raise ValueError(f"need steps, step >= 0, got {steps}, {step}")
+    if len(x) == 0 or steps == 0:
+        return x
+    with torch.no_grad():
+        top, runner_up = teacher(x).topk(2, dim=1).indices.unbind(1)
+    rows = torch.arange(len(x), device=x.device)
+    size = step * x.flatten(1).norm(dim=1).clamp_min(1e-12)
+    moved, active = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        probe = moved.detach().requires_grad_(True)
+        out = teacher(probe)
+        margin = out[rows, top] - out[rows, runner_up]
+        active &= margin.detach() > 0
+        if not active.any():
+            break
+        (grad,) = torch.autograd.grad(margin.sum(), probe)
+        direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        shift = (size * active).view(-1, *[1] * (x.dim() - 1)) * direction
+        moved = (moved - shift).detach()
+    return moved
+
+
 def distill(
     student: nn.Module,
     data: LabeledImages,
@@ -255,7 +299,7 @@ def distill(
     try:
         name = "distill" if teacher is not None else "pooled surrogates"
         if config.bank and teacher is not None:
-            bank = teacher_bank(data, teacher_log_probs, generator, config)
+            bank = teacher_bank(data, teacher_log_probs, generator, config, teacher)
 
             def bank_loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 logits = model(x)
@@ -302,9 +346,11 @@ def teacher_bank(
     teacher_log_probs: Callable[[torch.Tensor, int], torch.Tensor],
     generator: torch.Generator,
     config: DistillConfig,
+    teacher: nn.Module | None = None,
 ) -> TeacherBank:
     """``config.bank`` images made from ``data`` as the per-batch recipe makes them (shifts, then mixup or CutMix
-    within a batch), with the teacher's log-probabilities computed once."""
+    within a batch; then, with ``config.boundary``, that share of each batch moved toward the ``teacher``'s
+    decision boundaries), with the teacher's log-probabilities computed once."""
     xs, ys, log_ps = [], [], []
     made = 0
     while made < config.bank:
@@ -312,6 +358,9 @@ def teacher_bank(
         x, y = data.x[index], data.y[index.to(data.y.device)]
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
         x, targets = _mix(_augment(x, generator, config), targets, generator, config)
+        if teacher is not None and config.boundary:
+            moving = int(round(config.boundary * len(x)))  # the first ones: the batch is already in random order
+            x = torch.cat([toward_boundary(x[:moving], teacher), x[moving:]])
         xs.append(x)
         ys.append(targets)
         log_ps.append(teacher_log_probs(x, data.num_classes))
