@@ -361,8 +361,8 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
             "the most seeds); 'needed' is the highest of the three bars, the pooled one taken from the best pooled "
             "baseline of any recipe tried on the same clients (same local epochs and seed). 'central (all data)' "
             "is the same model trained with the clients' recipe on every training image at once (`../central/`, "
-            "same seeds; empty where none was trained): where 'needed' is above it, the goal asks one merged model "
-            "for more than centralised training gives.",
+            "mean over those of the same seeds that have one; empty where none was trained): where 'needed' is "
+            "above it, the goal asks one merged model for more than centralised training gives.",
             "",
             overview,
             "",
