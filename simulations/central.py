@@ -13,8 +13,6 @@ beside it has the mean over seeds per dataset, model and recipe.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -29,6 +27,7 @@ from fedmerge.federation import FederationSpec, client_train_data, global_test_d
 from fedmerge.models import build_model, reinitialized_copy
 from fedmerge.train import evaluate, train
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
+from simulations.federation_options import setting_key
 from simulations.results_io import read_rows, save_rows
 from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
@@ -47,11 +46,6 @@ def central_config(overrides: Mapping[str, ConfigValue], dataset: str, seed: int
     return {key: config[key] for key in CENTRAL_KEYS}
 
 
-def run_key(config: Mapping[str, ConfigValue]) -> str:
-    """A stable hash of a central model's config (resumed rows are matched by it)."""
-    return hashlib.sha256(json.dumps(dict(sorted(config.items())), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_central(config: Mapping[str, ConfigValue], data_root: str | None, device: str = "cpu") -> dict:
     """Train the model of ``config`` on the whole training split of its dataset with the clients' local recipe and
     score it on the global test set; the results row (config, accuracy, images, wall time, versions)."""
@@ -65,7 +59,7 @@ def train_central(config: Mapping[str, ConfigValue], data_root: str | None, devi
     train(model, data, settings.train, seed=derive_seed(seed, "central-train"), device=device, description="central")
     seconds = time.perf_counter() - start
     return {
-        "run-key": run_key(config),
+        "run-key": setting_key(config),  # resumed rows are matched by it
         **{f"cfg_{key}": value for key, value in config.items()},
         "train-images": len(data),
         RESULT_COLUMN: evaluate(model, global_test_data(spec), device=device),
@@ -77,7 +71,7 @@ def train_central(config: Mapping[str, ConfigValue], data_root: str | None, devi
 
 def summary_markdown(runs: pd.DataFrame) -> str:
     """Mean, lowest and highest accuracy over seeds per dataset, model and recipe."""
-    recipe = ["cfg_dataset", "cfg_model", "cfg_width", "cfg_epochs", "cfg_lr", "cfg_batch-size", "cfg_optimizer"]
+    recipe = [f"cfg_{key}" for key in CENTRAL_KEYS if key != "seed"]
     table = (
         runs.groupby(recipe)
         .agg(
@@ -148,7 +142,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     device = str(default_device())
     for config in configs:
         label = f"{config['dataset']} {config['model']} seed {config['seed']}"
-        if run_key(config) in done:
+        if setting_key(config) in done:
             console.print(f"{label}: already in {csv_path}")
             continue
         row = train_central(config, args.data_root or None, device)

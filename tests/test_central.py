@@ -9,6 +9,7 @@ import pytest
 
 from fedmerge.federation import FederationSpec, client_train_data
 from simulations import central
+from simulations.federation_options import setting_key
 
 ARGS = ["--datasets", "digits", "--seeds", "0", "--set", "epochs=1", "width=16", "batch-size=32"]
 
@@ -34,9 +35,7 @@ def test_finished_rows_are_kept_and_another_recipe_adds_a_row(tmp_path: Path):
 
 def test_keys_that_do_not_shape_the_model_leave_its_key_alone_and_bad_ones_fail():
     plain = central.central_config({"epochs": 3}, "mnist", 0)
-    assert central.run_key(plain) == central.run_key(
-        central.central_config({"epochs": 3, "distill-steps": 9}, "mnist", 0)
-    )
-    assert central.run_key(plain) != central.run_key(central.central_config({"epochs": 4}, "mnist", 0))
+    assert setting_key(plain) == setting_key(central.central_config({"epochs": 3, "distill-steps": 9}, "mnist", 0))
+    assert setting_key(plain) != setting_key(central.central_config({"epochs": 4}, "mnist", 0))
     with pytest.raises(ValueError, match="epochs"):
         central.central_config({"epochs": -1}, "mnist", 0)
