@@ -147,7 +147,8 @@ def verdict(ours: pd.DataFrame, dataset: str, per_seed: pd.DataFrame) -> list[st
         )
         missing = sorted(set(dense) - set(gaps))
         notes = [f"alpha {', '.join(f'{a:g}' for a in missing)} not run"] if missing else []
-        notes += [note for note in [_seed_note(seeds_of(per_seed, dataset, pipeline, surrogate), dense)] if note]
+        if seed_note := _seed_note(seeds_of(per_seed, dataset, pipeline, surrogate), dense):
+            notes.append(seed_note)
         if notes:
             status += f" ({'; '.join(notes)})"
         lines.append(f"- {pipeline}, {surrogate}: {status}.")

@@ -223,6 +223,7 @@ def toward_boundary(
     with torch.no_grad():
         top, runner_up = teacher(x).topk(2, dim=1).indices.unbind(1)
     rows = torch.arange(len(x), device=x.device)
+    per_image = (-1,) + (1,) * (x.dim() - 1)  # a per-image number broadcast over the image's own axes
     size = step * x.flatten(1).norm(dim=1).clamp_min(1e-12)
     moved, active = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
     for _ in range(steps):
@@ -233,8 +234,8 @@ def toward_boundary(
         if not active.any():
             break
         (grad,) = torch.autograd.grad(margin.sum(), probe)
-        direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        shift = (size * active).view(-1, *[1] * (x.dim() - 1)) * direction
+        direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_image)
+        shift = (size * active).view(per_image) * direction
         moved = (moved - shift).detach()
     return moved
 
