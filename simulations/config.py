@@ -112,6 +112,7 @@ _KEYS: dict[str, _Key] = {
     "distill-weight-decay": _Key(5e-4, float, minimum=0),
     "distill-cutmix": _Key(0.0, float, minimum=0, maximum=1),  # share of batches mixed by CutMix, not mixup
     "distill-boundary": _Key(0.0, float, minimum=0, maximum=1),  # share of the bank moved to teacher boundaries
+    "distill-elastic": _Key(0.0, float, minimum=0),  # elastic distortion's scale in pixels (0: none)
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -173,6 +174,7 @@ class RunSettings:
     distill_weight_decay: float = 5e-4
     distill_cutmix: float = 0.0
     distill_boundary: float = 0.0
+    distill_elastic: float = 0.0
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -210,6 +212,7 @@ class RunSettings:
             weight_decay=self.distill_weight_decay,
             cutmix=self.distill_cutmix,
             boundary=self.distill_boundary if teacher else 0.0,
+            elastic=self.distill_elastic,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -332,6 +335,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_weight_decay=float(values["distill-weight-decay"]),
         distill_cutmix=float(values["distill-cutmix"]),
         distill_boundary=float(values["distill-boundary"]),
+        distill_elastic=float(values["distill-elastic"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

@@ -23,6 +23,7 @@ ADDED_LATER: tuple[str, ...] = (
     "distill-cutmix",
     "condense-iterations",
     "distill-boundary",
+    "distill-elastic",
 )
 """Run-config keys added after the committed rows were keyed: left out of a key while at their default, so those
 rows keep their keys (add every new run-config key here)."""

@@ -118,6 +118,7 @@ UNUSUAL_RECIPE_KEYS = {
     "distill-mixup": "mixup",
     "distill-lr": "lr",
     "distill-boundary": "boundary share",
+    "distill-elastic": "elastic",
 }
 """Recipe keys a pipeline's label names after the label weight, where a run sets them off their defaults."""
 
@@ -329,6 +330,7 @@ def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
             "cfg_distill-weight-decay",
             "cfg_distill-cutmix",
             "cfg_distill-boundary",
+            "cfg_distill-elastic",
             "cfg_alignment",
         )
         if key in runs

@@ -358,3 +358,60 @@ def test_boundary_share_moves_bank_images_and_reaches_the_recipe(surrogate, ense
     assert runs[1.0].losses != runs[0.0].losses
     for before, p in zip(grads, ensemble.parameters(), strict=True):  # moving images leaves the teacher's gradients
         assert (before is None and p.grad is None) or torch.equal(before, p.grad)
+
+
+# ------------------------------------------------------------------------------------------ elastic distortion
+
+
+def _ramp_displacement(alpha: float, sigma: float, seed: int = 0) -> torch.Tensor:
+    """The horizontal displacement (pixels) elastic_augment gives 4 images of a left-to-right ramp: bilinear
+    sampling of a linear ramp returns the sampled column, so output minus input is the field (interior only)."""
+    from fedmerge.merge.distill import elastic_augment
+
+    ramp = torch.arange(32.0).expand(4, 1, 32, 32).contiguous()
+    moved = elastic_augment(ramp, torch.Generator().manual_seed(seed), alpha, sigma)
+    return (moved - ramp)[:, 0, 8:-8, 8:-8]
+
+
+def test_elastic_augment_moves_pixels_along_a_smooth_seeded_field_of_the_given_scale():
+    from fedmerge.merge.distill import elastic_augment
+
+    x = torch.rand(4, 1, 32, 32)
+    assert elastic_augment(x, torch.Generator().manual_seed(0), 0.0) is x
+    out = elastic_augment(x, torch.Generator().manual_seed(0), 34.0)
+    assert out.shape == x.shape and torch.equal(out, elastic_augment(x, torch.Generator().manual_seed(0), 34.0))
+    assert not torch.allclose(out[0], out[1])  # each image its own field
+    assert out.min() >= x.min() and out.max() <= x.max()  # bilinear: no value outside the input's range
+    field = _ramp_displacement(34.0, 4.0)
+    assert 0.3 < field.abs().mean() < 5.0  # about a pixel or two, as in Simard et al.'s setting
+    assert torch.allclose(_ramp_displacement(68.0, 4.0), 2 * field, atol=1e-3)  # alpha scales the field
+
+    # smooth: neighbouring pixels move nearly alike, unlike a field that is hardly smoothed at all
+    def roughness(d: torch.Tensor) -> float:
+        return float((d[:, :, 1:] - d[:, :, :-1]).abs().mean() / d.abs().mean())
+
+    assert roughness(field) < 0.25 < roughness(_ramp_displacement(34.0, 0.3))
+    for alpha, sigma in ((-1.0, 4.0), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="alpha"):
+            elastic_augment(x, torch.Generator(), alpha, sigma)
+
+
+def test_elastic_reaches_the_recipe_of_the_student_and_of_the_baseline_and_changes_batches_only_when_set(surrogate):
+    from simulations.config import settings_from_run_config
+
+    settings = settings_from_run_config({"distill-steps": 10, "distill-elastic": 34.0}, 2)
+    assert settings.recipe().elastic == 34.0 and settings.recipe(teacher=False).elastic == 34.0
+    assert settings_from_run_config({"distill-steps": 10}, 2).recipe().elastic == 0.0
+    with pytest.raises(ValueError, match="distill-elastic"):
+        settings_from_run_config({"distill-elastic": -1.0}, 2)
+    for field, value in (("elastic", -1.0), ("elastic_sigma", 0.0)):
+        with pytest.raises(ValueError, match=field):
+            DistillConfig(**{field: value})
+    student = MLP(surrogate.image_shape, 10, width=16)
+    short = DistillConfig(steps=3, batch_size=8)
+    runs = {
+        alpha: distill(student, surrogate, None, DistillConfig(**{**short.as_dict(), "elastic": alpha}), seed=0)
+        for alpha in (0.0, 34.0)
+    }
+    assert runs[0.0].losses == distill(student, surrogate, None, short, seed=0).losses  # 0 draws nothing extra
+    assert runs[34.0].losses != runs[0.0].losses

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from fedmerge.data.images import LabeledImages
 from fedmerge.train import TrainConfig, fit, predict_logits
@@ -47,7 +48,9 @@ class DistillConfig:
     ``cutmix`` is the probability that a batch is mixed by :func:`cutmix` (a box of another image pasted in)
     instead of mixup; 0 (the default) always uses mixup. ``boundary`` is the share of the teacher bank moved toward
     the teacher's decision boundaries before the teacher labels it (:func:`toward_boundary`, boundary-supporting
-    samples); it needs a bank.
+    samples); it needs a bank. ``elastic`` > 0 adds an elastic distortion after the shifts or affine maps
+    (:func:`elastic_augment`, Simard et al. 2003): every pixel moves along its own random field, smoothed by a
+    Gaussian of ``elastic_sigma`` pixels and scaled by ``elastic`` (pixels), so strokes bend as well as move.
     """
 
     steps: int = 2000
@@ -64,6 +67,8 @@ class DistillConfig:
     scale: float = 0.0
     cutmix: float = 0.0
     boundary: float = 0.0
+    elastic: float = 0.0
+    elastic_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
@@ -81,6 +86,10 @@ class DistillConfig:
         for name in ("cutmix", "boundary"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"DistillConfig.{name} is a share (0 to 1), got {getattr(self, name)!r}")
+        if not self.elastic >= 0:
+            raise ValueError(f"DistillConfig.elastic must be non-negative, got {self.elastic!r}")
+        if not self.elastic_sigma > 0:
+            raise ValueError(f"DistillConfig.elastic_sigma must be positive, got {self.elastic_sigma!r}")
         if self.boundary and not self.bank:
             raise ValueError("DistillConfig.boundary moves teacher-bank images: it needs bank > 0")
         if self.scale >= 1:
@@ -148,11 +157,35 @@ def affine_augment(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def elastic_augment(x: torch.Tensor, generator: torch.Generator, alpha: float, sigma: float = 4.0) -> torch.Tensor:
+    """Distort every image of ``x`` (N x C x H x W) by its own random elastic field (Simard et al., ICDAR 2003):
+    a uniform [-1, 1] displacement per pixel and axis, smoothed by a Gaussian of ``sigma`` pixels
+    (``torchvision``'s ``gaussian_blur``) and scaled by ``alpha`` pixels, then bilinear sampling with the border
+    replicated as in :func:`affine_augment`. The fields are drawn on the CPU from ``generator``; ``alpha=0`` returns
+    ``x`` itself."""
+    if alpha < 0 or not sigma > 0:
+        raise ValueError(f"need alpha >= 0 and sigma > 0, got {alpha}, {sigma}")
+    if alpha == 0 or len(x) == 0:
+        return x
+    n, _, h, w = x.shape
+    noise = torch.rand(n, 2, h, w, generator=generator) * 2 - 1
+    size = 2 * math.ceil(3 * sigma) + 1
+    field = gaussian_blur(noise, [size, size], [sigma, sigma]) * alpha  # pixels; channel 0 along x, 1 along y
+    scale = torch.tensor([2 / w, 2 / h]).view(1, 2, 1, 1)  # pixels to the grid's [-1, 1] units
+    identity = torch.eye(2, 3).expand(n, 2, 3)
+    grid = F.affine_grid(identity, [n, 1, h, w], align_corners=False) + (field * scale).permute(0, 2, 3, 1)
+    return F.grid_sample(x, grid.to(x), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _augment(x: torch.Tensor, generator: torch.Generator, config: DistillConfig) -> torch.Tensor:
-    """The recipe's augmentation: integer shifts, or affine maps when ``rotate`` or ``scale`` is set."""
+    """The recipe's augmentation: integer shifts, or affine maps when ``rotate`` or ``scale`` is set, then an
+    elastic distortion when ``elastic`` is set (no random number is drawn for it otherwise, so recipes without it
+    make the same images as before it existed)."""
     if config.rotate or config.scale:
-        return affine_augment(x, generator, config.shift, config.rotate, config.scale)
-    return augment(x, generator, config.shift)
+        x = affine_augment(x, generator, config.shift, config.rotate, config.scale)
+    else:
+        x = augment(x, generator, config.shift)
+    return elastic_augment(x, generator, config.elastic, config.elastic_sigma) if config.elastic else x
 
 
 def mixup(
