@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,7 +69,7 @@ def real_transfer_images(settings: RunSettings, count: int, seed: int) -> Labele
     return LabeledImages(everything.x[index], everything.y[index], everything.num_classes, "real training images")
 
 
-def wider(template: nn.Module, settings: RunSettings, factor: float, seed: int) -> nn.Module:
+def wider(settings: RunSettings, factor: float, seed: int) -> nn.Module:
     """A fresh model of the run's architecture with ``factor`` times its width (MLP hidden units, CNN channels)."""
     base = settings.width or (MLP_DEFAULT_WIDTH if settings.model == "mlp" else 1.0)
     width = base * factor
@@ -86,7 +86,7 @@ def limit_rows(
     variants: Iterable[str],
     real_images: int,
     width_factor: float,
-    done: set[str] = frozenset(),  # type: ignore[assignment]
+    done: Collection[str] = (),
 ) -> Iterable[dict]:
     """One row per variant not in ``done`` (their keys), for the federation of ``run_config`` with ``num_clients``
     clients; the clients are built (or loaded from the run config's client cache) once."""
@@ -115,7 +115,7 @@ def limit_rows(
             transfer = real_transfer_images(settings, real_images, derive_seed(settings.seed, "real-images"))
             recipe = dataclasses.replace(recipe, label_weight=0.0)
         elif variant == "wide-student":
-            student = wider(template, settings, width_factor, derive_seed(settings.seed, "recipe-init"))
+            student = wider(settings, width_factor, derive_seed(settings.seed, "recipe-init"))
         start = time.perf_counter()
         model = distill(student, transfer, teacher, recipe, seed, device).model
         yield {
