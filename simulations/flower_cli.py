@@ -10,6 +10,7 @@ running SuperLink, else free ones, so a run never reaches another user's or proj
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -58,11 +59,14 @@ CONTROL_PORT_VARIABLE = "FLWR_LOCAL_CONTROL_API_PORT"
 """Port of the local SuperLink's (deprecated) gRPC Control API, read by ``flwr`` when it starts."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now (the operating system's pick for a bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that are free on ``host`` now: the operating system's picks for binds to port 0,
+    every socket held open until all are picked (one at a time, a port just released can be picked again)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def superlink_ports(command: Sequence[str]) -> tuple[int, int] | None:
@@ -111,10 +115,7 @@ def local_superlink_ports(flwr_home: Path) -> tuple[int, int]:
         ports = superlink_ports(argv)
         if ports is not None:
             return ports
-    http = free_port()
-    control = free_port()
-    while control == http:
-        control = free_port()
+    http, control = free_ports(2)
     return http, control
 
 

@@ -29,7 +29,7 @@ from simulations.flower_cli import (
     PROJECT,
     flower_environment,
     flwr_run_command,
-    free_port,
+    free_ports,
     local_superlink_ports,
     run_config_argument,
     stop_superlinks,
@@ -124,6 +124,14 @@ def test_superlink_ports_come_from_the_command_line():
     assert superlink_ports(["flower-superlink", "--insecure"]) is None
 
 
+def test_free_ports_are_distinct_and_free():
+    ports = free_ports(64)  # all sockets open at once: the system cannot hand one port out twice
+    assert len(set(ports)) == 64
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
 def test_each_flower_home_gets_free_ports_of_its_own(tmp_path):
     first, second = flower_environment(tmp_path / "a"), flower_environment(tmp_path / "b")
     ports = [int(env[key]) for env in (first, second) for key in (HTTP_PORT_VARIABLE, CONTROL_PORT_VARIABLE)]
@@ -183,7 +191,7 @@ def test_a_missing_partition_id_says_what_to_set_in_both_modes():
 def test_deployment_with_a_superlink_and_two_supernodes_writes_a_results_row(tmp_path):
     flwr_home, results = tmp_path / "flwr-home", tmp_path / "runs"
     env = flower_environment(flwr_home)
-    link_port, node_ports = free_port(), [free_port(), free_port()]
+    link_port, *node_ports = free_ports(3)
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "127.0.0.1:{link_port}"\n'
@@ -240,11 +248,7 @@ def ray_head(log_path: Path, num_cpus: int = 2) -> Iterator[tuple[str, Path]]:
     """A Ray head (``ray start --head --block``) on free ports with its own temp dir: yields (address, temp dir) and
     stops the head's process group (every Ray process of this cluster) on the way out."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
-    command = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), f"--num-cpus={num_cpus}"]
-    command += ["--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    command += ["--object-store-memory=200000000"]
-    for flag in (  # Ray's fixed defaults (10001, 8265, 52365, ...) could be another user's
+    flags = (  # Ray's fixed defaults (10001, 8265, 52365, ...) could be another user's
         "--ray-client-server-port",
         "--dashboard-port",
         "--dashboard-agent-listen-port",
@@ -253,8 +257,13 @@ def ray_head(log_path: Path, num_cpus: int = 2) -> Iterator[tuple[str, Path]]:
         "--metrics-export-port",
         "--node-manager-port",
         "--object-manager-port",
-    ):
-        command += [flag, str(free_port())]
+    )
+    port, *ports = free_ports(1 + len(flags))  # distinct: Ray refuses two components on one port
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), f"--num-cpus={num_cpus}"]
+    command += ["--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    command += ["--object-store-memory=200000000"]
+    for flag, flag_port in zip(flags, ports, strict=True):
+        command += [flag, str(flag_port)]
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
