@@ -28,7 +28,7 @@ from fedmerge.models import build_model, reinitialized_copy
 from fedmerge.train import evaluate, train
 from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_run_config
 from simulations.federation_options import setting_key
-from simulations.results_io import read_rows, save_rows
+from simulations.results_io import finished_keys, read_rows, save_rows
 from simulations.sweep import parse_assignment
 from simulations.versions import package_versions
 
@@ -138,7 +138,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     csv_path = args.out / "runs.csv"
     overrides = dict(args.set)
     configs = [central_config(overrides, dataset, seed) for seed in args.seeds for dataset in args.datasets]
-    done = set(read_rows(csv_path, required=("run-key",)).get("run-key", pd.Series(dtype=str)).astype(str))
+    done = finished_keys(csv_path)
     device = str(default_device())
     for config in configs:
         label = f"{config['dataset']} {config['model']} seed {config['seed']}"

@@ -137,6 +137,13 @@ def read_rows(csv_path: Path, required: Sequence[str] = (), **read_csv: Any) -> 
     return pd.read_csv(io.StringIO("".join(good)), **read_csv)
 
 
+def finished_keys(csv_path: Path) -> set[str]:
+    """The ``run-key`` of every row of the CSV at ``csv_path`` (read as text, through :func:`read_rows`): the rows a
+    resumable script skips. Empty when the file is missing, empty or has no such column."""
+    rows = read_rows(csv_path, required=("run-key",), dtype={"run-key": str})
+    return set(rows["run-key"]) if "run-key" in rows else set()
+
+
 def _set_aside(csv_path: Path, good: list[str], bad: list[str]) -> None:
     """Append ``bad`` to the ``.bad`` file, then replace the CSV by ``good`` (atomically)."""
     try:

@@ -43,7 +43,7 @@ from fedmerge.train import evaluate
 from simulations.config import ConfigValue, RunSettings, settings_from_run_config
 from simulations.federation_options import add_federation_options, federation_run_config, setting_key
 from simulations.in_process import client_updates
-from simulations.results_io import read_rows, save_rows
+from simulations.results_io import finished_keys, read_rows, save_rows
 from simulations.server_app import template_model
 from simulations.versions import package_versions
 from strategies.merge_strategy import client_ensemble
@@ -210,7 +210,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True)
     csv_path = args.out / "runs.csv"
-    done = set(read_rows(csv_path, required=("run-key",)).get("run-key", pd.Series(dtype=str)).astype(str))
+    done = finished_keys(csv_path)
     for seed in args.seeds:
         run_config = federation_run_config(args, extra={"seed": seed})
         for row in limit_rows(run_config, args.clients, args.variants, args.real_images, args.width_factor, done):

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from simulations.results_io import bad_rows_path, read_rows, save_rows
+from simulations.results_io import bad_rows_path, finished_keys, read_rows, save_rows
 
 HEADER = "run-key,method,acc\n"
 
@@ -154,3 +154,10 @@ def test_line_ends_are_kept_when_the_file_is_rewritten(tmp_path: Path):
 def test_unusual_unicode_line_breaks_inside_a_value_are_not_row_ends(tmp_path: Path):
     csv = write(tmp_path / "runs.csv", "run-key,note\nk1,a\u2028b\nk2,c\n")
     assert read_rows(csv)["run-key"].tolist() == ["k1", "k2"] and not bad_rows_path(csv).exists()
+
+
+def test_finished_keys_are_read_as_text(tmp_path: Path):
+    csv_path = tmp_path / "runs.csv"
+    assert finished_keys(csv_path) == set()  # no file yet
+    save_rows(csv_path, [{"run-key": "0123456789012345", "acc": 1.0}, {"run-key": "00ab", "acc": 2.0}])
+    assert finished_keys(csv_path) == {"0123456789012345", "00ab"}  # all digits: the leading zero is kept
