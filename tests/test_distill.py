@@ -197,6 +197,20 @@ def test_cutmix_pastes_one_box_of_another_image_and_mixes_the_targets_by_its_are
     assert torch.equal(one_x, x[:1]) and torch.equal(one_y, y[:1])  # a batch of one is left as it is
 
 
+def assert_changes_the_run_only_when_set(
+    surrogate: LabeledImages, teacher: nn.Module | None, base: DistillConfig, field: str, value: float
+) -> None:
+    """Distilling with ``base``'s ``field`` at 0 is the run of ``base`` itself (no random number is drawn for the
+    option when it is off), and at ``value`` it is another run."""
+    student = MLP(surrogate.image_shape, 10, width=16)
+    runs = {
+        setting: distill(student, surrogate, teacher, DistillConfig(**{**base.as_dict(), field: setting}), seed=0)
+        for setting in (0.0, value)
+    }
+    assert runs[0.0].losses == distill(student, surrogate, teacher, base, seed=0).losses  # 0 draws nothing extra
+    assert runs[value].losses != runs[0.0].losses
+
+
 def test_cutmix_share_reaches_the_recipe_and_changes_the_batches_only_when_set(surrogate):
     from simulations.config import settings_from_run_config
 
@@ -207,14 +221,7 @@ def test_cutmix_share_reaches_the_recipe_and_changes_the_batches_only_when_set(s
         settings_from_run_config({"distill-cutmix": 1.5}, 2)
     with pytest.raises(ValueError, match="cutmix"):
         DistillConfig(cutmix=-0.1)
-    student = MLP(surrogate.image_shape, 10, width=16)
-    short = DistillConfig(steps=3, batch_size=8)
-    runs = {
-        share: distill(student, surrogate, None, DistillConfig(**{**short.as_dict(), "cutmix": share}), seed=0)
-        for share in (0.0, 1.0)
-    }
-    assert runs[0.0].losses == distill(student, surrogate, None, short, seed=0).losses  # 0 draws nothing extra
-    assert runs[1.0].losses != runs[0.0].losses
+    assert_changes_the_run_only_when_set(surrogate, None, DistillConfig(steps=3, batch_size=8), "cutmix", 1.0)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -347,15 +354,9 @@ def test_boundary_share_moves_bank_images_and_reaches_the_recipe(surrogate, ense
         DistillConfig(boundary=0.5)
     with pytest.raises(ValueError, match="boundary"):
         DistillConfig(bank=64, boundary=1.5)
-    student = MLP(surrogate.image_shape, 10, width=16)
-    plain = DistillConfig(steps=3, batch_size=8, bank=32)
     grads = [None if p.grad is None else p.grad.clone() for p in ensemble.parameters()]
-    runs = {
-        share: distill(student, surrogate, ensemble, DistillConfig(**{**plain.as_dict(), "boundary": share}), seed=0)
-        for share in (0.0, 1.0)
-    }
-    assert runs[0.0].losses == distill(student, surrogate, ensemble, plain, seed=0).losses
-    assert runs[1.0].losses != runs[0.0].losses
+    plain = DistillConfig(steps=3, batch_size=8, bank=32)
+    assert_changes_the_run_only_when_set(surrogate, ensemble, plain, "boundary", 1.0)
     for before, p in zip(grads, ensemble.parameters(), strict=True):  # moving images leaves the teacher's gradients
         assert (before is None and p.grad is None) or torch.equal(before, p.grad)
 
@@ -407,11 +408,4 @@ def test_elastic_reaches_the_recipe_of_the_student_and_of_the_baseline_and_chang
     for field, value in (("elastic", -1.0), ("elastic_sigma", 0.0)):
         with pytest.raises(ValueError, match=field):
             DistillConfig(**{field: value})
-    student = MLP(surrogate.image_shape, 10, width=16)
-    short = DistillConfig(steps=3, batch_size=8)
-    runs = {
-        alpha: distill(student, surrogate, None, DistillConfig(**{**short.as_dict(), "elastic": alpha}), seed=0)
-        for alpha in (0.0, 34.0)
-    }
-    assert runs[0.0].losses == distill(student, surrogate, None, short, seed=0).losses  # 0 draws nothing extra
-    assert runs[34.0].losses != runs[0.0].losses
+    assert_changes_the_run_only_when_set(surrogate, None, DistillConfig(steps=3, batch_size=8), "elastic", 34.0)
