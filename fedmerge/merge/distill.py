@@ -75,7 +75,18 @@ class DistillConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"DistillConfig.{name} must be positive, got {value!r}")
-        for name in ("shift", "mixup", "kd_weight", "label_weight", "weight_decay", "bank", "rotate", "scale"):
+        non_negative = (
+            "shift",
+            "mixup",
+            "kd_weight",
+            "label_weight",
+            "weight_decay",
+            "bank",
+            "rotate",
+            "scale",
+            "elastic",
+        )
+        for name in non_negative:
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"DistillConfig.{name} must be non-negative, got {value!r}")
@@ -86,8 +97,6 @@ class DistillConfig:
         for name in ("cutmix", "boundary"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"DistillConfig.{name} is a share (0 to 1), got {getattr(self, name)!r}")
-        if not self.elastic >= 0:
-            raise ValueError(f"DistillConfig.elastic must be non-negative, got {self.elastic!r}")
         if not self.elastic_sigma > 0:
             raise ValueError(f"DistillConfig.elastic_sigma must be positive, got {self.elastic_sigma!r}")
         if self.boundary and not self.bank:
