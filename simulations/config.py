@@ -15,7 +15,7 @@ from typing import cast
 from fedmerge.align.universe import UNIVERSE_METHODS, UniverseMethod
 from fedmerge.federation import SPLITS, FederationSpec
 from fedmerge.merge import CORRECTIONS, METHODS, MergeConfig, NPConfig, STEConfig
-from fedmerge.merge.distill import DistillConfig
+from fedmerge.merge.distill import DISTILL_LOSSES, DistillConfig, DistillLoss
 from fedmerge.merge.methods import MethodName
 from fedmerge.merge.pairwise import Correction
 from fedmerge.models import MODEL_NAMES
@@ -113,6 +113,7 @@ _KEYS: dict[str, _Key] = {
     "distill-cutmix": _Key(0.0, float, minimum=0, maximum=1),  # share of batches mixed by CutMix, not mixup
     "distill-boundary": _Key(0.0, float, minimum=0, maximum=1),  # share of the bank moved to teacher boundaries
     "distill-elastic": _Key(0.0, float, minimum=0),  # elastic distortion's scale in pixels (0: none)
+    "distill-loss": _Key("kl", str, DISTILL_LOSSES),  # the distillation term: KL, or MSE of centred logits
     "ensemble-weights": _Key("examples", str, ENSEMBLE_WEIGHTINGS),
     "same-init": _Key(False, bool),
     # defences against hostile clients (strategies.defences)
@@ -175,6 +176,7 @@ class RunSettings:
     distill_cutmix: float = 0.0
     distill_boundary: float = 0.0
     distill_elastic: float = 0.0
+    distill_loss: DistillLoss = "kl"
     ensemble_weights: EnsembleWeighting = "examples"
     clients_start_from_global: bool = False
     defences: Defences = field(default_factory=Defences)
@@ -213,6 +215,7 @@ class RunSettings:
             cutmix=self.distill_cutmix,
             boundary=self.distill_boundary if teacher else 0.0,
             elastic=self.distill_elastic,
+            loss=self.distill_loss,
         )
 
     def merge_config(self) -> MergeConfig:
@@ -336,6 +339,7 @@ def settings_from_run_config(run_config: Mapping[str, object], num_clients: int)
         distill_cutmix=float(values["distill-cutmix"]),
         distill_boundary=float(values["distill-boundary"]),
         distill_elastic=float(values["distill-elastic"]),
+        distill_loss=cast(DistillLoss, values["distill-loss"]),
         ensemble_weights=cast(EnsembleWeighting, values["ensemble-weights"]),
         clients_start_from_global=bool(values["same-init"]),
         defences=_defences(values),

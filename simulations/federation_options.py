@@ -24,6 +24,7 @@ ADDED_LATER: tuple[str, ...] = (
     "condense-iterations",
     "distill-boundary",
     "distill-elastic",
+    "distill-loss",
 )
 """Run-config keys added after the committed rows were keyed: left out of a key while at their default, so those
 rows keep their keys (add every new run-config key here)."""

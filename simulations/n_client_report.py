@@ -138,7 +138,9 @@ def _recipe_label(row: pd.Series) -> str:
     affine = f", rotate {rotate:g}, scale {scale:g}" if rotate or scale else ""
     cutmix = value("cfg_distill-cutmix", 0)
     cutmix_label = f", cutmix {cutmix:g}" if cutmix else ""
-    unusual = ""  # named only where they are not the default, so older labels stay as they were
+    loss = row.get("cfg_distill-loss", "kl")
+    # named only where they are not the default, so older labels stay as they were
+    unusual = "" if pd.isna(loss) or loss == "kl" else f", {loss} loss"
     for key, name in UNUSUAL_RECIPE_KEYS.items():
         default = float(DEFAULT_RUN_CONFIG[key])
         if (found := value(f"cfg_{key}", default)) != default:

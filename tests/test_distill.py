@@ -409,3 +409,40 @@ def test_elastic_reaches_the_recipe_of_the_student_and_of_the_baseline_and_chang
         with pytest.raises(ValueError, match=field):
             DistillConfig(**{field: value})
     assert_changes_the_run_only_when_set(surrogate, None, DistillConfig(steps=3, batch_size=8), "elastic", 34.0)
+
+
+# ------------------------------------------------------------------------------------------ logit-matching loss
+
+
+def test_logit_mse_ignores_a_constant_per_row_and_is_the_mean_squared_difference_otherwise():
+    from fedmerge.merge.distill import logit_mse
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    shifted = logits + torch.tensor([[5.0], [-2.0]])
+    assert logit_mse(logits, shifted).item() == 0.0
+    assert logit_mse(logits, torch.log_softmax(logits, 1)).item() < 1e-12  # log-probabilities are logits too
+    target = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 6.0]])  # row 0 centred differs by (-1, -1, 2)
+    assert logit_mse(logits, target).item() == pytest.approx((1 + 1 + 4) / 6)
+
+
+def test_mse_loss_distils_the_teacher_ignores_the_temperature_and_reaches_the_recipe(digits, ensemble, surrogate):
+    from simulations.config import settings_from_run_config
+
+    _, test_set = digits
+    student = fresh_student()
+    mse = DistillConfig(steps=300, batch_size=20, loss="mse", label_weight=0.0)
+    distilled = distill(student, surrogate, ensemble, mse, seed=0)
+    pooled = distill(student, surrogate, None, FAST, seed=0)
+    assert agreement(distilled.model, ensemble, test_set) > agreement(pooled.model, ensemble, test_set) + 5
+    kl = distill(student, surrogate, ensemble, DistillConfig(steps=3, batch_size=8, label_weight=0.0), seed=0)
+    short = DistillConfig(steps=3, batch_size=8, loss="mse", label_weight=0.0)
+    assert distill(student, surrogate, ensemble, short, seed=0).losses != kl.losses
+    hot = distill(student, surrogate, ensemble, DistillConfig(**{**short.as_dict(), "temperature": 4.0}), seed=0)
+    assert hot.losses == pytest.approx(distill(student, surrogate, ensemble, short, seed=0).losses, rel=1e-5)
+
+    assert settings_from_run_config({"distill-steps": 10, "distill-loss": "mse"}, 2).recipe().loss == "mse"
+    assert settings_from_run_config({"distill-steps": 10}, 2).recipe().loss == "kl"
+    with pytest.raises(ValueError, match="distill-loss"):
+        settings_from_run_config({"distill-loss": "l1"}, 2)
+    with pytest.raises(ValueError, match="loss"):
+        DistillConfig(loss="l1")  # type: ignore[arg-type]

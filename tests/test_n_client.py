@@ -229,7 +229,9 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     save_rows(tmp_path / "runs.csv", [by_labels])
     runs = n_client_report.load_distilled_runs(tmp_path / "runs.csv")
     assert runs["pipeline"].iloc[-1].endswith("2 epochs, teacher by labels)")
-    assert "rotate" not in runs["pipeline"].iloc[-1]
+    assert "rotate" not in runs["pipeline"].iloc[-1] and "loss" not in runs["pipeline"].iloc[-1]
+    save_rows(tmp_path / "runs.csv", [{**by_labels, "cfg_distill-loss": "mse"}])  # a run off the default loss
+    assert ", mse loss, " in n_client_report.load_distilled_runs(tmp_path / "runs.csv")["pipeline"].iloc[-1]
     goals = n_client_report.goal_columns(runs.iloc[[-1]].set_index("num-clients"))
     assert goals.loc[8, "needed vs ensemble"] == 93.5 and goals.loc[8, "goal met"] == "no"
     assert goals.loc[8, "goal met, sample-weighted ensemble"] == "no"  # 93.0 < 93.5 too

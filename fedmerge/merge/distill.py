@@ -3,7 +3,8 @@
 ``distill`` trains a copy of a student (a merged model, or a fresh one) on the union of the clients' tiny
 surrogates with random translations and mixup, against
 
-* ``teacher`` given: ``kd_weight * T^2 * KL(teacher_T || student_T) + label_weight * CE(student, labels)``,
+* ``teacher`` given: ``kd_weight * T^2 * KL(teacher_T || student_T) + label_weight * CE(student, labels)``
+  (or, with ``loss="mse"``, ``kd_weight`` times the mean squared error between centred logits instead of the KL),
   where the teacher (e.g. the clients' ``Ensemble``) is evaluated under ``no_grad`` on exactly the augmented,
   mixed batch the student sees (so the surrogate images become an endless stream of new transfer points);
 * ``teacher=None``: ``label_weight * CE(student, labels)`` only -- the "pooled surrogates" baseline with the
@@ -19,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from fedmerge.data.images import LabeledImages
 from fedmerge.train import TrainConfig, fit, predict_logits
+
+DistillLoss = Literal["kl", "mse"]
+DISTILL_LOSSES: tuple[str, ...] = get_args(DistillLoss)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class DistillConfig:
     samples); it needs a bank. ``elastic`` > 0 adds an elastic distortion after the shifts or affine maps
     (:func:`elastic_augment`, Simard et al. 2003): every pixel moves along its own random field, smoothed by a
     Gaussian of ``elastic_sigma`` pixels and scaled by ``elastic`` (pixels), so strokes bend as well as move.
+    ``loss`` is the distillation term: ``"kl"`` (the default, FedDF's) or ``"mse"``, the mean squared error between
+    the student's logits and the teacher's log-probabilities, each centred per image (:func:`logit_mse`; Kim et al.,
+    IJCAI 2021, found logit matching distils better than KL at any temperature; it ignores ``temperature``).
     """
 
     steps: int = 2000
@@ -69,6 +77,7 @@ class DistillConfig:
     boundary: float = 0.0
     elastic: float = 0.0
     elastic_sigma: float = 4.0
+    loss: DistillLoss = "kl"
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "temperature": self.temperature}
@@ -103,6 +112,8 @@ class DistillConfig:
             raise ValueError("DistillConfig.boundary moves teacher-bank images: it needs bank > 0")
         if self.scale >= 1:
             raise ValueError(f"DistillConfig.scale must be below 1 (images scaled by 1 +- scale), got {self.scale!r}")
+        if self.loss not in DISTILL_LOSSES:
+            raise ValueError(f"DistillConfig.loss must be one of {DISTILL_LOSSES}, got {self.loss!r}")
         if self.kd_weight == 0 and self.label_weight == 0:
             raise ValueError("DistillConfig.kd_weight and DistillConfig.label_weight cannot both be 0")
 
@@ -112,7 +123,7 @@ class DistillConfig:
             epochs=1, lr=self.lr, batch_size=self.batch_size, optimizer="adam", weight_decay=self.weight_decay
         )
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         """The fields as a plain dict (for reports)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -326,9 +337,12 @@ def distill(
         if config.label_weight > 0:
             loss = loss + config.label_weight * soft_cross_entropy(logits, targets)
         if log_p is not None and config.kd_weight > 0:
-            log_q = F.log_softmax(logits / t, dim=1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
-            loss = loss + config.kd_weight * t * t * kl
+            if config.loss == "mse":
+                loss = loss + config.kd_weight * logit_mse(logits, t * log_p)  # t * log_p: the teacher's logits
+            else:
+                log_q = F.log_softmax(logits / t, dim=1)
+                kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+                loss = loss + config.kd_weight * t * t * kl
         return loss
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -416,6 +430,14 @@ def teacher_bank(
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (N x K) against probability rows ``targets`` (N x K)."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between two N x K logit tables after centring each row (logits, or
+    log-probabilities, that differ by a constant per image give the same softmax, so they count as equal)."""
+    centred = student_logits - student_logits.mean(1, keepdim=True)
+    target = teacher_logits - teacher_logits.mean(1, keepdim=True)
+    return (centred - target).pow(2).mean()
 
 
 def agreement(model_a: nn.Module, model_b: nn.Module, data: LabeledImages, device: torch.device | str = "cpu") -> float:
