@@ -125,8 +125,8 @@ UNUSUAL_RECIPE_KEYS = {
 
 def _recipe_label(row: pd.Series) -> str:
     """The recipe settings that tell pipelines apart: shift (and affine maps, CutMix), label weight, the
-    :data:`UNUSUAL_RECIPE_KEYS` where they are not the default, teacher bank, alignment passes, local epochs and
-    teacher weighting (defaults when absent)."""
+    distillation loss and the :data:`UNUSUAL_RECIPE_KEYS` where they are not the default, teacher bank, alignment
+    passes, local epochs and teacher weighting (defaults when absent)."""
 
     def value(key: str, default: float) -> float:
         found = row.get(key, default)
