@@ -30,7 +30,7 @@ from simulations.config import DEFAULT_RUN_CONFIG, ConfigValue, settings_from_ru
 from simulations.federation_options import setting_key
 from simulations.results_io import finished_keys, read_rows, save_rows
 from simulations.sweep import parse_assignment
-from simulations.versions import package_versions
+from simulations.versions import version_columns
 
 CENTRAL_KEYS = ("dataset", "model", "width", "epochs", "lr", "batch-size", "optimizer", "seed")
 """The run-config keys that shape a central model (the data, the architecture, the local recipe, the seed)."""
@@ -65,7 +65,7 @@ def train_central(config: Mapping[str, ConfigValue], data_root: str | None, devi
         RESULT_COLUMN: evaluate(model, global_test_data(spec), device=device),
         "train-seconds": round(seconds, 1),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **{f"version_{name}": value for name, value in package_versions().items()},
+        **version_columns(),
     }
 
 

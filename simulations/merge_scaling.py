@@ -42,7 +42,7 @@ from simulations.results_io import read_rows as read_csv_rows
 from simulations.results_io import save_rows
 from simulations.server_app import template_model
 from simulations.sweep import parse_assignment
-from simulations.versions import package_versions
+from simulations.versions import version_columns
 from strategies import RayRunner, SequentialRunner
 from strategies.schedule import MergeNode, Schedule, run_schedule
 
@@ -206,7 +206,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                     "merge-peak-rss-mb": round(merge_peak, 1),
                     "cfg": cfg,
                 }
-                save_rows(csv_path, [row | {f"version_{k}": v for k, v in package_versions().items()}])
+                save_rows(csv_path, [row | version_columns()])
                 done = read_rows(csv_path)
                 console.log(f"N={num_clients} {method} {way}: {seconds:.1f} s, merged {accuracy:.1f}%")
     console.log(f"wrote {plot(read_csv_rows(csv_path), args.out / f'{args.name}.png')}")

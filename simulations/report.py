@@ -26,7 +26,7 @@ from simulations.config import RunSettings
 from simulations.evaluation import scores, scoring_data
 from simulations.memory import peak_gpu_mb, peak_rss_mb
 from simulations.results_io import save_rows
-from simulations.versions import package_versions
+from simulations.versions import version_columns
 from strategies.merge_strategy import EnsembleWeighting, ensemble_weights, model_num_classes
 from strategies.messages import ClientUpdate
 
@@ -172,7 +172,7 @@ def results_row(
         "server-peak-rss-mb": round(peak_rss_mb(), 1),
         "server-peak-gpu-mb": round(peak_gpu_mb(), 1),
     }
-    return row | {f"version_{k}": v for k, v in package_versions().items()}
+    return row | version_columns()
 
 
 def print_scores(table: dict[str, dict[str, float]], title: str) -> None:

@@ -53,7 +53,7 @@ from simulations.federation_options import add_federation_options, federation_ru
 from simulations.in_process import client_updates
 from simulations.results_io import read_rows, save_rows
 from simulations.server_app import make_strategy, template_model
-from simulations.versions import package_versions
+from simulations.versions import package_versions, version_columns
 from strategies.defences import Defences, describe_defences
 from strategies.messages import ClientUpdate, client_reply
 
@@ -331,7 +331,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             "cfg": cfg,
             "versions": versions,
         }
-        save_rows(csv_path, [row | {f"version_{k}": v for k, v in package_versions().items()}])
+        save_rows(csv_path, [row | version_columns()])
         console.log(
             f"{attack}, defences {defences}: merged {row['acc_merged_global']}% ({row['change-vs-clean']:+.1f}), "
             f"left out [{row['left-out']}], clipped [{row['clipped']}], {row['wall-seconds']} s"

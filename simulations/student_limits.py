@@ -45,7 +45,7 @@ from simulations.federation_options import add_federation_options, federation_ru
 from simulations.in_process import client_updates
 from simulations.results_io import finished_keys, read_rows, save_rows
 from simulations.server_app import template_model
-from simulations.versions import package_versions
+from simulations.versions import version_columns
 from strategies.merge_strategy import client_ensemble
 
 VARIANTS = ("surrogates", "real-images", "wide-student")
@@ -130,7 +130,7 @@ def limit_rows(
             "agreement_test": agreement(model, teacher, test, device=device),
             "distill-seconds": round(time.perf_counter() - start, 1),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **{f"version_{name}": value for name, value in package_versions().items()},
+            **version_columns(),
         }
 
 

@@ -22,3 +22,8 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "absent"
     return found
+
+
+def version_columns() -> dict[str, str]:
+    """:func:`package_versions` as results-row columns, each name prefixed with ``version_``."""
+    return {f"version_{name}": value for name, value in package_versions().items()}
