@@ -317,22 +317,35 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _distinct_values(column: pd.Series) -> list:
+    """The values a recipe column takes, sorted (by their text where numbers and text mix, e.g. a text column
+    with NaN in the rows that predate it)."""
+    values = column.unique().tolist()
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
 def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:
     """The page: what ran, an ablation and goal table per setting, the costs."""
     models = sorted(runs["cfg_model"].astype(str).unique()) if "cfg_model" in runs else [DEFAULT_RUN_CONFIG["model"]]
     seeds = sorted(runs["cfg_seed"].unique())
     recipe = ", ".join(
-        f"{key[4:]} {sorted(runs[key].unique().tolist())}"
+        f"{key[4:]} {_distinct_values(runs[key])}"
         for key in (
             "cfg_distill-steps",
             "cfg_distill-bank",
             "cfg_distill-shift",
             "cfg_distill-mixup",
+            "cfg_distill-lr",
+            "cfg_distill-temperature",
             "cfg_distill-label-weight",
             "cfg_distill-weight-decay",
             "cfg_distill-cutmix",
             "cfg_distill-boundary",
             "cfg_distill-elastic",
+            "cfg_distill-loss",
             "cfg_alignment",
         )
         if key in runs

@@ -232,6 +232,7 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     assert "rotate" not in runs["pipeline"].iloc[-1] and "loss" not in runs["pipeline"].iloc[-1]
     save_rows(tmp_path / "runs.csv", [{**by_labels, "cfg_distill-loss": "mse"}])  # a run off the default loss
     assert ", mse loss, " in n_client_report.load_distilled_runs(tmp_path / "runs.csv")["pipeline"].iloc[-1]
+    assert "distill-loss ['mse', nan]" in n_client_report.write_report(tmp_path / "runs.csv")[1].read_text()
     goals = n_client_report.goal_columns(runs.iloc[[-1]].set_index("num-clients"))
     assert goals.loc[8, "needed vs ensemble"] == 93.5 and goals.loc[8, "goal met"] == "no"
     assert goals.loc[8, "goal met, sample-weighted ensemble"] == "no"  # 93.0 < 93.5 too
