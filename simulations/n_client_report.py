@@ -318,13 +318,14 @@ def plot(runs: pd.DataFrame, path: Path) -> Path:
 
 
 def _distinct_values(column: pd.Series) -> list:
-    """The values a recipe column takes, sorted (by their text where numbers and text mix, e.g. a text column
-    with NaN in the rows that predate it)."""
-    values = column.unique().tolist()
+    """The values a recipe column takes, sorted, then NaN once where older rows predate the column (NaN does not
+    compare, so it is kept out of the sort)."""
+    present = column.dropna().unique().tolist()
+    missing = [float("nan")] if column.isna().any() else []
     try:
-        return sorted(values)
-    except TypeError:
-        return sorted(values, key=str)
+        return sorted(present) + missing
+    except TypeError:  # numbers and text in one column
+        return sorted(present, key=str) + missing
 
 
 def summary_markdown(runs: pd.DataFrame, figure: Path) -> str:

@@ -4,6 +4,7 @@ multi-round starts from the global model, the recipe baselines and the sweep var
 from __future__ import annotations
 
 import logging
+import math
 
 import pandas as pd
 import pytest
@@ -232,7 +233,10 @@ def test_n_client_report_judges_the_goals_and_writes_its_page(tmp_path):
     assert "rotate" not in runs["pipeline"].iloc[-1] and "loss" not in runs["pipeline"].iloc[-1]
     save_rows(tmp_path / "runs.csv", [{**by_labels, "cfg_distill-loss": "mse"}])  # a run off the default loss
     assert ", mse loss, " in n_client_report.load_distilled_runs(tmp_path / "runs.csv")["pipeline"].iloc[-1]
-    assert "distill-loss ['mse', nan]" in n_client_report.write_report(tmp_path / "runs.csv")[1].read_text()
+    page = n_client_report.write_report(tmp_path / "runs.csv")[1].read_text()
+    assert "distill-loss ['mse', nan]" in page  # older rows have no loss column: NaN, listed last
+    *numbers, missing = n_client_report._distinct_values(pd.Series([3.0, float("nan"), 1.0, 3.0, float("nan")]))
+    assert numbers == [1.0, 3.0] and math.isnan(missing)  # NaN kept out of the sort, once
     goals = n_client_report.goal_columns(runs.iloc[[-1]].set_index("num-clients"))
     assert goals.loc[8, "needed vs ensemble"] == 93.5 and goals.loc[8, "goal met"] == "no"
     assert goals.loc[8, "goal met, sample-weighted ensemble"] == "no"  # 93.0 < 93.5 too
