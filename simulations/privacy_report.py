@@ -42,7 +42,7 @@ from simulations.federation_options import add_federation_options, federation_ru
 from simulations.in_process import client_updates
 from simulations.results_io import read_rows, save_rows
 from simulations.server_app import make_strategy, template_model
-from simulations.versions import package_versions
+from simulations.versions import version_columns, versions_text
 
 KINDS = ("random", "herding", "kcenter", "condensed", "condensed-noise")
 REFERENCE = "training images (reference)"
@@ -302,7 +302,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     condensation = {"condense-iterations": args.condense_iterations, "condense-batch": args.condense_batch}
     key = setting_key(run_config | condensation, args.clients, ignore=("surrogate",))
     cfg = " ".join(f"{k}={v}" for k, v in sorted((overrides | condensation).items()))
-    versions = package_versions()
     common = {
         "setting": key,
         "dataset": args.dataset,
@@ -314,8 +313,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         "schedule": run_config["schedule"],
         "seed": run_config["seed"],
         "cfg": cfg,
-        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        **{f"version_{k}": v for k, v in versions.items()},
+        "versions": versions_text(),
+        **version_columns(),
     }
     csv_path, md_path, png_path = args.out / "privacy.csv", args.out / "privacy.md", args.out / "privacy.png"
     results: list[KindResult] = []

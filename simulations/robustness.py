@@ -53,7 +53,7 @@ from simulations.federation_options import add_federation_options, federation_ru
 from simulations.in_process import client_updates
 from simulations.results_io import read_rows, save_rows
 from simulations.server_app import make_strategy, template_model
-from simulations.versions import package_versions, version_columns
+from simulations.versions import version_columns, versions_text
 from strategies.defences import Defences, describe_defences
 from strategies.messages import ClientUpdate, client_reply
 
@@ -304,7 +304,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         started = time.perf_counter()
         updates = client_updates(settings, args.clients, 1, None, want_surrogate=True)
         console.log(f"{args.clients} clients ready in {time.perf_counter() - started:.1f} s")
-    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    versions = versions_text()
     for attack, defences in todo:
         accuracy, measured = run_attack(settings, updates, attack, args.hostile, defences == "on")
         clean = read_results(csv_path)

@@ -27,3 +27,8 @@ def package_versions() -> dict[str, str]:
 def version_columns() -> dict[str, str]:
     """:func:`package_versions` as results-row columns, each name prefixed with ``version_``."""
     return {f"version_{name}": value for name, value in package_versions().items()}
+
+
+def versions_text() -> str:
+    """:func:`package_versions` as one line of text ("torch 2.14.1, numpy ..."), for a report's caption."""
+    return ", ".join(f"{name} {value}" for name, value in package_versions().items())
