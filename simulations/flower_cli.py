@@ -121,8 +121,8 @@ def local_superlink_ports(flwr_home: Path) -> tuple[int, int]:
 
 def flower_environment(flwr_home: Path, threads: int = 1) -> dict[str, str]:
     """Environment for ``flwr run``: its own Flower home with local SuperLink ports of its own
-    (:func:`local_superlink_ports`), no runtime dependency installs, the CLI on PATH, quiet progress bars (logs,
-    not a terminal) and ``threads`` torch threads per process."""
+    (:func:`local_superlink_ports`), no runtime dependency installs, the CLI on PATH and ``threads`` torch threads
+    per process (long loops report progress as log lines there, :func:`fedmerge.progress.heartbeat`)."""
     http_port, control_port = local_superlink_ports(flwr_home)
     return os.environ | {
         "FLWR_HOME": str(flwr_home),
@@ -130,7 +130,6 @@ def flower_environment(flwr_home: Path, threads: int = 1) -> dict[str, str]:
         CONTROL_PORT_VARIABLE: str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{flwr_executable().parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FEDMERGE_PROGRESS": "0",
         "OMP_NUM_THREADS": str(threads),
     }
 
