@@ -1,10 +1,13 @@
 """A disk cache of trained client models and their surrogates, so that a sweep compares merge methods on the same
-clients without training them again.
+clients without training them again, and of the server's reference distillations (the pooled-surrogate baseline and
+the fresh student), so that a run stopped after one of them picks up where it was.
 
 An entry's key is a hash of everything that decides the result: the federation (dataset, split, clients, seed; not
 the data folder),
 the model, the training settings, the partition, the round, the weights training started from, and the torch
-version. A surrogate's key adds its settings to its model's key. Entries are written to a temporary file and
+version. A surrogate's key adds its settings to its model's key. A distillation's key hashes what it is computed
+from (the student's starting weights, the teacher's weights, the transfer images, the recipe, the seed, the kind of
+device), so an entry is never reused for other inputs. Entries are written to a temporary file and
 renamed, so a crash never leaves a half-written entry; concurrent clients write different keys.
 """
 
@@ -19,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fedmerge.data import LabeledImages
+from fedmerge.merge.distill import DistillConfig
 from fedmerge.surrogate import SurrogateConfig
 from simulations.config import RunSettings
 
@@ -68,6 +73,33 @@ def surrogate_key(model_cache_key: str, surrogate: SurrogateConfig) -> str:
     return _hash({"format": CACHE_FORMAT, "model": model_cache_key, "surrogate": dataclasses.asdict(surrogate)})
 
 
+def distillation_key(
+    student: nn.Module,
+    data: LabeledImages,
+    teacher: nn.Module | None,
+    recipe: DistillConfig,
+    seed: int,
+    device: torch.device | str,
+) -> str:
+    """The cache key of ``distill(student, data, teacher, recipe, seed, device)``: a hash of its inputs' values."""
+
+    def module(m: nn.Module | None) -> list[str] | None:
+        return None if m is None else [type(m).__qualname__, state_digest(m.state_dict())]
+
+    return _hash(
+        {
+            "format": CACHE_FORMAT,
+            "torch": torch.__version__,
+            "student": module(student),
+            "teacher": module(teacher),
+            "data": [state_digest({"x": data.x, "y": data.y}), data.num_classes],
+            "recipe": recipe.as_dict(),
+            "seed": seed,
+            "device": torch.device(device).type,
+        }
+    )
+
+
 @dataclass
 class TrainedClient:
     """A cached client model: its weights, its training time and its accuracy on its own data."""
@@ -86,7 +118,8 @@ class BuiltSurrogate:
 
 
 class ClientCache:
-    """Trained client models and surrogates under ``root`` (``models/<key>.pt``, ``surrogates/<key>.pt``)."""
+    """Trained client models, surrogates and distilled reference models under ``root`` (``models/<key>.pt``,
+    ``surrogates/<key>.pt``, ``distilled/<key>.pt``)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -151,3 +184,12 @@ class ClientCache:
                 "seconds": surrogate.seconds,
             },
         )
+
+    def load_distilled(self, key: str) -> State | None:
+        """The weights of the distilled model cached under ``key``, or None."""
+        entry = self._load("distilled", key, ("state",))
+        return None if entry is None else entry["state"]
+
+    def save_distilled(self, key: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Cache a distilled model's weights under ``key``."""
+        self._save("distilled", key, {"state": {name: t.detach().cpu().clone() for name, t in state.items()}})

@@ -141,9 +141,9 @@ class RunSettings:
     ``width`` None means the model's default; ``merge_workers`` is the number of Ray tasks per merge-tree level
     (0: merge in the server process); ``clients_start_from_global``: clients train from the server's weights
     rather than from their own initialisation; ``finetune_epochs``: epochs of fine-tuning the merged model on the
-    union of the surrogates (0: none); ``client_cache``: folder of trained client models and surrogates
-    reused across runs ("" for none, see :mod:`simulations.client_cache`); ``defences``: what the server does
-    against hostile clients (:class:`strategies.defences.Defences`).
+    union of the surrogates (0: none); ``client_cache``: folder of trained client models, surrogates and
+    reference distillations reused across runs ("" for none, see :mod:`simulations.client_cache`); ``defences``:
+    what the server does against hostile clients (:class:`strategies.defences.Defences`).
     """
 
     federation: FederationSpec = field(default_factory=FederationSpec)

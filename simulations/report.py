@@ -19,9 +19,10 @@ from fedmerge.data.images import concat
 from fedmerge.device import default_device, derive_seed
 from fedmerge.federation import client_train_data, label_distribution
 from fedmerge.merge import Ensemble, train_from_scratch
-from fedmerge.merge.distill import distill
+from fedmerge.merge.distill import DistillConfig, distill
 from fedmerge.merge.functional import load_state
 from fedmerge.models import reinitialized_copy
+from simulations.client_cache import ClientCache, distillation_key
 from simulations.config import RunSettings
 from simulations.evaluation import scores, scoring_data
 from simulations.memory import peak_gpu_mb, peak_rss_mb
@@ -80,27 +81,50 @@ def recipe_models(
     updates: list[ClientUpdate],
     teacher: nn.Module,
     device: torch.device | str = "cpu",
+    restored: set[str] | None = None,
 ) -> dict[str, nn.Module]:
     """The baselines trained with the server's distillation recipe (:meth:`RunSettings.recipe`): a fresh model
     trained on the pooled surrogates alone (``pooled-recipe``) and the clients' ensemble distilled into a fresh model
-    (``distilled-fresh``, no merge). Empty when no client sent a surrogate or the run distils nothing."""
+    (``distilled-fresh``, no merge). Empty when no client sent a surrogate or the run distils nothing.
+
+    With ``settings.client_cache`` set, each is taken from the cache when the same inputs were distilled before (its
+    name is then added to ``restored``) and saved there when it is new, so a run stopped after the first picks up
+    at the second."""
     parts = [u.surrogate for u in updates if u.surrogate is not None]
     if not parts or not settings.distill_steps:
         return {}
     pooled = concat(parts, "surrogate union")
     fresh = reinitialized_copy(template, derive_seed(settings.seed, "recipe-init"))
     seed = derive_seed(settings.seed, "recipe")
+    cache = ClientCache(settings.client_cache) if settings.client_cache else None
+    restored = set() if restored is None else restored
+
+    def distilled(name: str, teacher: nn.Module | None, recipe: DistillConfig) -> nn.Module:
+        key = distillation_key(fresh, pooled, teacher, recipe, seed, device) if cache else ""
+        state = cache.load_distilled(key) if cache else None
+        if state is not None:
+            restored.add(name)
+            log.info("%s: restored from the cache (%s)", name, key)
+            return load_state(fresh, state)
+        model = distill(fresh, pooled, teacher, recipe, seed, device).model
+        if cache:
+            cache.save_distilled(key, model.state_dict())
+        return model
+
     return {
-        "pooled-recipe": distill(fresh, pooled, None, settings.recipe(teacher=False), seed, device).model,
-        "distilled-fresh": distill(fresh, pooled, teacher, settings.recipe(), seed, device).model,
+        "pooled-recipe": distilled("pooled-recipe", None, settings.recipe(teacher=False)),
+        "distilled-fresh": distilled("distilled-fresh", teacher, settings.recipe()),
     }
 
 
-def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[str, float]]:
+def score_models(
+    settings: RunSettings, outcome: RunOutcome, restored: set[str] | None = None
+) -> dict[str, dict[str, float]]:
     """Scores of the merged model (and of the merge alone, before fine-tuning or distillation), the clients' own
     models, their ensemble (weighted as the distillation teacher is: ``ensemble-weights``; also by sample count
     when that is another weighting) and, when the clients sent surrogates, a model trained on the
-    surrogates alone (plain, and with the server's recipe) and the ensemble distilled into a fresh model."""
+    surrogates alone (plain, and with the server's recipe) and the ensemble distilled into a fresh model (the names
+    of those two taken from the client cache are added to ``restored``)."""
     spec = settings.federation
     distributions = {
         u.partition_id: label_distribution(client_train_data(spec, u.partition_id)) for u in outcome.updates
@@ -121,7 +145,7 @@ def score_models(settings: RunSettings, outcome: RunOutcome) -> dict[str, dict[s
     on_surrogates = surrogate_trained_model(settings, outcome.model, outcome.updates, device)
     if on_surrogates is not None:
         models["surrogate-trained"] = on_surrogates
-    models |= recipe_models(settings, outcome.model, outcome.updates, ensemble, device)
+    models |= recipe_models(settings, outcome.model, outcome.updates, ensemble, device, restored)
     tests = scoring_data(spec, distributions)
     return {name: scores(model, tests, device) for name, model in models.items()}
 
@@ -142,10 +166,12 @@ def results_row(
     outcome: RunOutcome,
     table: dict[str, dict[str, float]],
     wall_seconds: float,
+    references_cached: int = 0,
 ) -> dict:
     """One CSV row: the run config, who took part, every accuracy (``acc_<model>_<test set>``, and the global
     accuracy after each round), bytes each client uploaded, wall times of client training, surrogate building and
-    merging, peak memory, and package versions."""
+    merging, how many client models and reference distillations came from the cache, peak memory, and package
+    versions."""
     row: dict = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "run-id": run_id}
     row |= {f"cfg_{k}": v for k, v in run_config.items()}
     row |= {
@@ -166,6 +192,7 @@ def results_row(
     for name in ("train-seconds", "surrogate-seconds", "peak-rss-mb"):
         row[f"client-max_{name}"] = max(_metric_values(outcome.updates, name), default=float("nan"))
     row["clients-cached"] = int(sum(_metric_values(outcome.updates, "cached")))
+    row["references-cached"] = references_cached
     row |= {
         "merge-seconds": round(outcome.merge_seconds, 3),
         "wall-seconds": round(wall_seconds, 3),
@@ -220,11 +247,12 @@ def finish_run(
 ) -> dict:
     """Score the run's models, print the table, append the results row and save the model; return the row."""
     started = time.perf_counter()
-    table = score_models(settings, outcome)
+    restored: set[str] = set()
+    table = score_models(settings, outcome, restored)
     label = "FedAvg" if settings.strategy == "fedavg" else f"{settings.method} merge ({settings.schedule})"
     print_scores(table, f"Accuracy (%) of the {label} and of each client's own model")
     wall_seconds = seconds_so_far + time.perf_counter() - started
-    row = results_row(run_config, run_id, num_clients, outcome, table, wall_seconds)
+    row = results_row(run_config, run_id, num_clients, outcome, table, wall_seconds, len(restored))
     csv_path, model_path = save_outputs(settings, run_config, row, outcome)
     log.info("results row appended to %s; merged model saved to %s", csv_path, model_path)
     return row | {"model-file": str(model_path)}

@@ -225,3 +225,43 @@ def test_a_cached_model_without_its_surrogate_builds_the_surrogate(tmp_path):
     fresh = client_work(settings(surrogate="herding"), 0, 1, None, want_surrogate=True)
     assert torch.equal(with_surrogate.surrogate.x, fresh.surrogate.x)
     assert client_work(cached_settings, 0, 1, None, want_surrogate=True).metrics["cached"] == 1
+
+
+# --- distillation_key -----------------------------------------------------------------------------------------------
+
+
+def test_distillation_key_follows_every_input_of_the_distillation():
+    from fedmerge.merge import Ensemble
+    from fedmerge.merge.distill import DistillConfig
+    from simulations.client_cache import distillation_key
+
+    def model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_model("mlp", (1, 28, 28), 10, width=8)
+
+    data = LabeledImages(torch.rand(6, 1, 28, 28), torch.arange(6) % 3, 10, "pooled")
+    teacher = Ensemble([model(1), model(2)], [1.0, 3.0])
+    key = distillation_key(model(0), data, teacher, DistillConfig(steps=5), 7, "cpu")
+    assert key == distillation_key(
+        model(0), data, Ensemble([model(1), model(2)], [1.0, 3.0]), DistillConfig(steps=5), 7, "cpu"
+    )
+    other_data = LabeledImages(data.x, torch.arange(6) % 2, 10, "pooled")
+    changed = [
+        distillation_key(model(9), data, teacher, DistillConfig(steps=5), 7, "cpu"),  # student's start
+        distillation_key(model(0), other_data, teacher, DistillConfig(steps=5), 7, "cpu"),  # labels
+        distillation_key(model(0), data, Ensemble([model(1), model(2)], [3.0, 1.0]), DistillConfig(steps=5), 7, "cpu"),
+        distillation_key(model(0), data, None, DistillConfig(steps=5), 7, "cpu"),
+        distillation_key(model(0), data, teacher, DistillConfig(steps=6), 7, "cpu"),
+        distillation_key(model(0), data, teacher, DistillConfig(steps=5), 8, "cpu"),
+        distillation_key(model(0), data, teacher, DistillConfig(steps=5), 7, "meta"),
+    ]
+    assert len(set(changed) | {key}) == len(changed) + 1
+
+
+def test_distilled_entries_round_trip_and_a_broken_one_reads_as_missing(tmp_path):
+    cache = ClientCache(tmp_path)
+    assert cache.load_distilled("k") is None
+    cache.save_distilled("k", a_state(3))
+    assert same_weights(cache.load_distilled("k"), a_state(3))
+    (tmp_path / "distilled" / "k.pt").write_bytes(b"not a torch file")
+    assert cache.load_distilled("k") is None

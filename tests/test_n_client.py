@@ -180,6 +180,40 @@ def test_recipe_baselines_are_scored_when_the_run_distils(tmp_path):
     assert len(data) == 40
 
 
+def test_recipe_baselines_are_taken_from_the_cache_when_their_inputs_match(tmp_path, monkeypatch):
+    """A run stopped after its first reference distillation redoes only the rest: each is saved to the client cache
+    and restored from it while its inputs are the same, and made again when one differs."""
+    import simulations.report as report
+    from strategies.merge_strategy import client_ensemble
+    from tests.helpers import assert_states_equal
+
+    updates = [read_reply(reply(k, num_examples=30), NUM_CLASSES) for k in range(2)]
+    teacher = client_ensemble(small_mlp(0), updates)
+    cached = settings_from_run_config({"distill-steps": 5, "client-cache": str(tmp_path)}, 2)
+    restored: set[str] = set()
+    first = report.recipe_models(cached, small_mlp(0), updates, teacher, restored=restored)
+    assert restored == set() and len(list((tmp_path / "distilled").glob("*.pt"))) == 2
+
+    def no_distill(*args, **kwargs):
+        pytest.fail("distilled again although the cache holds the result")
+
+    monkeypatch.setattr(report, "distill", no_distill)
+    again = report.recipe_models(cached, small_mlp(0), updates, teacher, restored=restored)
+    assert restored == {"pooled-recipe", "distilled-fresh"}
+    for name, model in first.items():
+        assert_states_equal(again[name].state_dict(), model.state_dict())
+    monkeypatch.undo()
+
+    other_teacher = client_ensemble(small_mlp(0), updates[:1])
+    restored.clear()
+    report.recipe_models(cached, small_mlp(0), updates, other_teacher, restored=restored)
+    assert restored == {"pooled-recipe"}  # the fresh student's teacher changed; the pooled model has none
+    restored.clear()
+    longer = settings_from_run_config({"distill-steps": 6, "client-cache": str(tmp_path)}, 2)
+    report.recipe_models(longer, small_mlp(0), updates, teacher, restored=restored)
+    assert restored == set() and len(list((tmp_path / "distilled").glob("*.pt"))) == 5
+
+
 def _distilled_row(n: int, merged: float, fresh: float, pooled: float, ensemble: float, fedavg: float) -> dict:
     return {
         "cfg_dataset": "mnist",

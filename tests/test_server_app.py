@@ -61,6 +61,8 @@ def test_scores_and_results_row_cover_every_model_and_client(outcome):
     assert row["acc_ensemble_clients-mean"] == round(table["ensemble"]["clients-mean"], 2)
     assert row["client-mean_train-seconds"] == 3.0 and row["merge-seconds"] == 1.5
     assert "version_torch" in row and "version_flwr" in row
+    assert row["references-cached"] == 0
+    assert results_row(DEFAULT_RUN_CONFIG, 7, 3, outcome, table, 12.0, references_cached=2)["references-cached"] == 2
 
 
 def test_a_label_weighted_run_scores_its_teacher_and_the_sample_weighted_ensemble(outcome):
