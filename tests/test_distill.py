@@ -446,3 +446,31 @@ def test_mse_loss_distils_the_teacher_ignores_the_temperature_and_reaches_the_re
         settings_from_run_config({"distill-loss": "l1"}, 2)
     with pytest.raises(ValueError, match="loss"):
         DistillConfig(loss="l1")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ the teacher bank
+
+
+def test_teacher_bank_holds_exactly_bank_images_and_reports_progress_off_a_terminal(
+    surrogate, ensemble, monkeypatch, caplog
+):
+    """A bank that is not a whole number of batches ends with a short batch; labelling it logs heartbeat lines
+    (``fedmerge.progress``) when progress is on and no terminal shows a bar."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from fedmerge.merge.distill import teacher_bank
+
+    def log_probs(x: torch.Tensor, width: int) -> torch.Tensor:
+        return F.log_softmax(ensemble(x), dim=1)
+
+    monkeypatch.setenv("FEDMERGE_PROGRESS", "1")
+    monkeypatch.setenv("FEDMERGE_PROGRESS_INTERVAL", "1e-9")
+    monkeypatch.setattr("fedmerge.progress.Console", lambda: SimpleNamespace(is_terminal=False))
+    caplog.set_level(logging.INFO, logger="fedmerge.progress")
+    config = DistillConfig(steps=1, batch_size=8, bank=20)
+    bank = teacher_bank(surrogate, log_probs, torch.Generator().manual_seed(0), config, ensemble)
+    assert len(bank.images) == len(bank.targets) == len(bank.log_p) == 20
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"teacher bank: {k}/3" for k in (1, 2, 3)]

@@ -29,6 +29,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from fedmerge.data.images import LabeledImages
+from fedmerge.progress import progress
 from fedmerge.train import TrainConfig, fit, predict_logits
 
 DistillLoss = Literal["kl", "mse"]
@@ -409,9 +410,9 @@ def teacher_bank(
     within a batch; then, with ``config.boundary``, that share of each batch moved toward the ``teacher``'s
     decision boundaries), with the teacher's log-probabilities computed once."""
     xs, ys, log_ps = [], [], []
-    made = 0
-    while made < config.bank:
-        index = torch.randint(0, len(data), (min(config.batch_size, config.bank - made),), generator=generator)
+    sizes = [min(config.batch_size, config.bank - start) for start in range(0, config.bank, config.batch_size)]
+    for size in progress(sizes, "teacher bank" if teacher is not None else "transfer bank", total=len(sizes)):
+        index = torch.randint(0, len(data), (size,), generator=generator)
         x, y = data.x[index], data.y[index.to(data.y.device)]
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
         x, targets = _mix(_augment(x, generator, config), targets, generator, config)
@@ -421,7 +422,6 @@ def teacher_bank(
         xs.append(x)
         ys.append(targets)
         log_ps.append(teacher_log_probs(x, data.num_classes))
-        made += len(x)
     images = torch.cat(xs)
     labels = torch.arange(len(images), device=images.device)
     return TeacherBank(LabeledImages(images, labels, len(images), "teacher bank"), torch.cat(ys), torch.cat(log_ps))
