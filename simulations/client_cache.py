@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedmerge.data import LabeledImages
-from fedmerge.merge.distill import DistillConfig
+from fedmerge.merge.distill import TEACHER_ONLY_FIELDS, DistillConfig
 from fedmerge.surrogate import SurrogateConfig
 from simulations.config import RunSettings
 
@@ -81,7 +81,8 @@ def distillation_key(
     seed: int,
     device: torch.device | str,
 ) -> str:
-    """The cache key of ``distill(student, data, teacher, recipe, seed, device)``: a hash of its inputs' values."""
+    """The cache key of ``distill(student, data, teacher, recipe, seed, device)``: a hash of its inputs' values
+    (without a teacher, of the recipe fields it then reads, so teacher-side probes share one pooled baseline)."""
 
     def module(m: nn.Module | None) -> list[str] | None:
         return None if m is None else [type(m).__qualname__, state_digest(m.state_dict())]
@@ -93,7 +94,9 @@ def distillation_key(
             "student": module(student),
             "teacher": module(teacher),
             "data": [state_digest({"x": data.x, "y": data.y}), data.num_classes],
-            "recipe": recipe.as_dict(),
+            "recipe": {
+                k: v for k, v in recipe.as_dict().items() if teacher is not None or k not in TEACHER_ONLY_FIELDS
+            },
             "seed": seed,
             "device": torch.device(device).type,
         }

@@ -256,6 +256,15 @@ def test_distillation_key_follows_every_input_of_the_distillation():
         distillation_key(model(0), data, teacher, DistillConfig(steps=5), 7, "meta"),
     ]
     assert len(set(changed) | {key}) == len(changed) + 1
+    # without a teacher the teacher's settings are not read, so they do not split the key; with one they do
+    alone = DistillConfig(steps=5)
+    sharper = DistillConfig(steps=5, temperature=0.5, loss="mse", kd_weight=2.0, bank=64)
+    assert distillation_key(model(0), data, None, alone, 7, "cpu") == distillation_key(
+        model(0), data, None, sharper, 7, "cpu"
+    )
+    assert distillation_key(model(0), data, teacher, alone, 7, "cpu") != distillation_key(
+        model(0), data, teacher, DistillConfig(steps=5, temperature=0.5), 7, "cpu"
+    )
 
 
 def test_distilled_entries_round_trip_and_a_broken_one_reads_as_missing(tmp_path):

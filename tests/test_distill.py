@@ -474,3 +474,19 @@ def test_teacher_bank_holds_exactly_bank_images_and_reports_progress_off_a_termi
     bank = teacher_bank(surrogate, log_probs, torch.Generator().manual_seed(0), config, ensemble)
     assert len(bank.images) == len(bank.targets) == len(bank.log_p) == 20
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"teacher bank: {k}/3" for k in (1, 2, 3)]
+
+
+def test_without_a_teacher_the_teacher_only_fields_change_nothing(surrogate):
+    """``TEACHER_ONLY_FIELDS`` (what the reference-distillation cache leaves out of a teacher-free key) are unread."""
+    from dataclasses import replace
+
+    from fedmerge.merge.distill import TEACHER_ONLY_FIELDS
+
+    torch.manual_seed(0)
+    student = MLP(surrogate.image_shape, 10, width=16)
+    plain = DistillConfig(steps=3, batch_size=8)
+    changed = replace(plain, kd_weight=2.0, temperature=4.0, loss="mse", bank=64, boundary=0.5)
+    assert {f for f in TEACHER_ONLY_FIELDS if getattr(changed, f) != getattr(plain, f)} == set(TEACHER_ONLY_FIELDS)
+    first = distill(student, surrogate, None, plain, seed=1).model.state_dict()
+    second = distill(student, surrogate, None, changed, seed=1).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

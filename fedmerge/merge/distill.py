@@ -35,6 +35,9 @@ from fedmerge.train import TrainConfig, fit, predict_logits
 DistillLoss = Literal["kl", "mse"]
 DISTILL_LOSSES: tuple[str, ...] = get_args(DistillLoss)
 
+TEACHER_ONLY_FIELDS = ("kd_weight", "temperature", "loss", "bank", "boundary")
+"""The :class:`DistillConfig` fields :func:`distill` reads only when it is given a teacher."""
+
 
 @dataclass(frozen=True)
 class DistillConfig:
