@@ -43,6 +43,11 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _cpu_copy(state: Mapping[str, torch.Tensor]) -> State:
+    """A detached copy of ``state`` on the CPU, as an entry stores it."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+
+
 def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -158,11 +163,14 @@ class ClientCache:
 
     def save_model(self, key: str, client: TrainedClient) -> None:
         """Cache a trained client model under ``key``."""
-        state = {name: tensor.detach().cpu().clone() for name, tensor in client.state.items()}
         self._save(
             "models",
             key,
-            {"state": state, "train_seconds": client.train_seconds, "train_accuracy": client.train_accuracy},
+            {
+                "state": _cpu_copy(client.state),
+                "train_seconds": client.train_seconds,
+                "train_accuracy": client.train_accuracy,
+            },
         )
 
     def load_surrogate(self, key: str) -> BuiltSurrogate | None:
@@ -195,4 +203,4 @@ class ClientCache:
 
     def save_distilled(self, key: str, state: Mapping[str, torch.Tensor]) -> None:
         """Cache a distilled model's weights under ``key``."""
-        self._save("distilled", key, {"state": {name: t.detach().cpu().clone() for name, t in state.items()}})
+        self._save("distilled", key, {"state": _cpu_copy(state)})
