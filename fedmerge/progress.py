@@ -86,7 +86,7 @@ def progress(items: Iterable[T], description: str, total: int | None = None, ena
     elsewhere; nothing when ``enabled`` is false or ``FEDMERGE_PROGRESS=0``."""
     if not (enabled and progress_wanted()):
         yield from items
-    elif Console().is_terminal:
+    elif progress_enabled():
         yield from track(items, description=description, total=total, transient=True)
     else:
         yield from heartbeat(items, description, total, heartbeat_interval())

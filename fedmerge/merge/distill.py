@@ -414,7 +414,7 @@ def teacher_bank(
     decision boundaries), with the teacher's log-probabilities computed once."""
     xs, ys, log_ps = [], [], []
     sizes = [min(config.batch_size, config.bank - start) for start in range(0, config.bank, config.batch_size)]
-    for size in progress(sizes, "teacher bank" if teacher is not None else "transfer bank", total=len(sizes)):
+    for size in progress(sizes, "teacher bank", total=len(sizes)):
         index = torch.randint(0, len(data), (size,), generator=generator)
         x, y = data.x[index], data.y[index.to(data.y.device)]
         targets = F.one_hot(y, data.num_classes).to(x.dtype)
