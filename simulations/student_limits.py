@@ -143,8 +143,9 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         "The clients' teacher distilled into a fresh student with the run's server recipe, three ways: on the pooled "
         "surrogates (the pipeline's `distilled-fresh`), on real training images (labels unused) instead, and on the "
         "surrogates into a wider student. Accuracy on the global test set (%); 'agreement' is the share of test "
-        "images where student and teacher predict the same class. If real images close the gap and the wider student "
-        "does not, the transfer set is what limits the student.",
+        "images where student and teacher predict the same class; 'distillation steps' and 'teacher bank' give each "
+        "row's budget (Adam steps, teacher-labelled augmented images). If real images close the gap and the wider "
+        "student does not, the transfer set is what limits the student.",
         "",
     ]
     setting = ["cfg_dataset", "cfg_split", "cfg_alpha", "num-clients", "cfg_per-class", "cfg_seed"]
@@ -154,6 +155,8 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         table = group[
             [
                 "variant",
+                "cfg_distill-steps",
+                "cfg_distill-bank",
                 "transfer-images",
                 "student-parameters",
                 "acc_student_global",
@@ -165,6 +168,8 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         table["short of teacher"] = table["acc_teacher_global"] - table["acc_student_global"]
         table.columns = [
             "variant",
+            "distillation steps",
+            "teacher bank",
             "transfer images",
             "student parameters",
             "student",
@@ -174,7 +179,8 @@ def summary_markdown(runs: pd.DataFrame) -> str:
             "short of teacher",
         ]
         order = {v: i for i, v in enumerate(VARIANTS)}
-        table = table.sort_values("variant", key=lambda s: s.map(order)).round(2)
+        table["rank"] = table["variant"].map(order)
+        table = table.sort_values(["distillation steps", "rank"]).drop(columns="rank").round(2)
         sections += [table.to_markdown(index=False), ""]
     return "\n".join(sections)
 
