@@ -148,10 +148,11 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         "student does not, the transfer set is what limits the student.",
         "",
     ]
-    setting = ["cfg_dataset", "cfg_split", "cfg_alpha", "num-clients", "cfg_per-class", "cfg_seed"]
+    setting = ["cfg_dataset", "cfg_split", "cfg_alpha", "num-clients", "cfg_per-class", "cfg_model", "cfg_seed"]
     for values, group in runs.groupby(setting, sort=True):
-        dataset, split, alpha, clients, per_class, seed = values
-        sections += [f"## {dataset} {split}({alpha:g}), {clients} clients, {per_class}/class, seed {seed}", ""]
+        dataset, split, alpha, clients, per_class, model, seed = values
+        title = f"{dataset} {split}({alpha:g}), {clients} clients, {per_class}/class, {model}, seed {seed}"
+        sections += [f"## {title}", ""]
         table = group[
             [
                 "variant",

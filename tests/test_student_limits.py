@@ -46,3 +46,27 @@ def test_bad_input_is_refused_with_its_name(tmp_path: Path):
         run(tmp_path, "--width-factor", "0.5")
     with pytest.raises(ValueError, match="real-images"):
         run(tmp_path, "--real-images", "0")
+
+
+def test_the_summary_gives_each_model_its_own_table():
+    row = {
+        "cfg_dataset": "fashion-mnist",
+        "cfg_split": "dirichlet",
+        "cfg_alpha": 0.5,
+        "num-clients": 8,
+        "cfg_per-class": 1,
+        "cfg_seed": 0,
+        "variant": "surrogates",
+        "cfg_distill-steps": 3000,
+        "cfg_distill-bank": 49152,
+        "transfer-images": 69,
+        "student-parameters": 1000,
+        "acc_student_global": 85.0,
+        "acc_teacher_global": 86.0,
+        "agreement_test": 95.0,
+        "distill-seconds": 10.0,
+    }
+    runs = pd.DataFrame([row | {"cfg_model": "mlp"}, row | {"cfg_model": "cnn", "acc_teacher_global": 89.0}])
+    page = student_limits.summary_markdown(runs)
+    assert "1/class, mlp, seed 0" in page and "1/class, cnn, seed 0" in page
+    assert page.count("| surrogates") == 2  # one row in each table, not two rows of one
