@@ -145,7 +145,8 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         "surrogates into a wider student. Accuracy on the global test set (%); 'agreement' is the share of test "
         "images where student and teacher predict the same class; 'distillation steps' and 'teacher bank' give each "
         "row's budget (Adam steps, teacher-labelled augmented images). If real images close the gap and the wider "
-        "student does not, the transfer set is what limits the student.",
+        "student does not, the transfer set is what limits the student; a variant that gains at a larger budget was "
+        "held back by its budget.",
         "",
     ]
     setting = ["cfg_dataset", "cfg_split", "cfg_alpha", "num-clients", "cfg_per-class", "cfg_model", "cfg_seed"]
