@@ -134,9 +134,28 @@ def limit_rows(
         }
 
 
+SUMMARY_COLUMNS = {
+    "variant": "variant",
+    "cfg_distill-steps": "distillation steps",
+    "cfg_distill-bank": "teacher bank",
+    "transfer-images": "transfer images",
+    "student-parameters": "student parameters",
+    "acc_student_global": "student",
+    "acc_teacher_global": "teacher",
+    "agreement_test": "agreement",
+    "distill-seconds": "seconds",
+}
+"""The summary's columns: each CSV column and its heading."""
+
+
+def _budget_then_variant_order(column: pd.Series) -> pd.Series:
+    """Sort key of the summary's rows: the budget as it is, the variants in the order of ``VARIANTS``."""
+    return column.map({v: i for i, v in enumerate(VARIANTS)}) if column.name == "variant" else column
+
+
 def summary_markdown(runs: pd.DataFrame) -> str:
-    """One table per federation (dataset, split, clients, surrogate size, seed): each variant's student against the
-    teacher."""
+    """One table per federation (dataset, split, clients, surrogate size, model, seed): each variant's student
+    against the teacher."""
     sections = [
         "# Where the distilled student stops",
         "",
@@ -154,35 +173,10 @@ def summary_markdown(runs: pd.DataFrame) -> str:
         dataset, split, alpha, clients, per_class, model, seed = values
         title = f"{dataset} {split}({alpha:g}), {clients} clients, {per_class}/class, {model}, seed {seed}"
         sections += [f"## {title}", ""]
-        table = group[
-            [
-                "variant",
-                "cfg_distill-steps",
-                "cfg_distill-bank",
-                "transfer-images",
-                "student-parameters",
-                "acc_student_global",
-                "acc_teacher_global",
-                "agreement_test",
-                "distill-seconds",
-            ]
-        ].copy()
-        table["short of teacher"] = table["acc_teacher_global"] - table["acc_student_global"]
-        table.columns = [
-            "variant",
-            "distillation steps",
-            "teacher bank",
-            "transfer images",
-            "student parameters",
-            "student",
-            "teacher",
-            "agreement",
-            "seconds",
-            "short of teacher",
-        ]
-        order = {v: i for i, v in enumerate(VARIANTS)}
-        table["rank"] = table["variant"].map(order)
-        table = table.sort_values(["distillation steps", "rank"]).drop(columns="rank").round(2)
+        table = group.sort_values(["cfg_distill-steps", "variant"], key=_budget_then_variant_order)
+        table = table[list(SUMMARY_COLUMNS)].rename(columns=SUMMARY_COLUMNS)
+        table["short of teacher"] = table["teacher"] - table["student"]
+        table = table.round(2)
         sections += [table.to_markdown(index=False), ""]
     return "\n".join(sections)
 
